@@ -1,0 +1,119 @@
+"""Find a batch shape rule that makes logits independent of batching.
+
+llama.cpp's CPU kernels may pick different code paths for different batch
+sizes, so the same token can get slightly different values when evaluated
+alone or inside a larger batch. At model load we try candidate rules (pad
+every decode call to a multiple of m rows, at least k) and keep the first
+that gives bit-identical logits for one big batch versus many small ones and
+a rewind. The verdict is cached per model file, library version, CPU and
+thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .model import CANDIDATE_RULES, BatchRule, Model
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+SAMPLE = (
+    b"def fibonacci(n: int) -> int:\n"
+    b"    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+    b"    a, b = 0, 1\n"
+    b"    for _ in range(n):\n"
+    b"        a, b = b, a + b\n"
+    b"    return a\n"
+)
+# chunk sizes for the incremental evaluation; they cover 1..9 rows
+PATTERN = [1, 2, 3, 5, 9, 1, 4, 7, 6, 8]
+
+
+def rule_holds(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
+    model.batch_rule = rule
+    fresh = Session(model, n_ctx=256, n_branches=1)
+    pieces = Session(model, n_ctx=256, n_branches=1)
+
+    def same_as_fresh(prefix: list[int]) -> bool:
+        fresh.reset()
+        fresh.sync(prefix)  # BOS, then the rest in one batch
+        return bool(np.array_equal(pieces.logits, fresh.logits))
+
+    try:
+        pos = 1
+        for size in PATTERN:
+            pos = min(pos + size, len(tokens))
+            pieces.sync(tokens[:pos])
+            if not same_as_fresh(tokens[:pos]):
+                return False
+        pieces.sync(tokens[: len(tokens) // 2])  # rewind, then re-feed the rest
+        pieces.sync(tokens)
+        return same_as_fresh(tokens)
+    finally:
+        fresh.close()
+        pieces.close()
+
+
+def calibrate(model: Model, cache: Path | None) -> BatchRule:
+    """Set and return model.batch_rule."""
+    key = model.calibration_key()
+    cached = _load(cache, key)
+    if cached is not None:
+        model.batch_rule = cached
+        log.info("batch rule (cached): multiple of %d, at least %d rows, exact=%s",
+                 cached.multiple, cached.minimum, cached.exact)
+        return cached
+    start = time.perf_counter()
+    tokens = model.tokenize(SAMPLE, add_bos=True)
+    rule = BatchRule(4, 8, exact=False)
+    for candidate in CANDIDATE_RULES:
+        if rule_holds(model, candidate, tokens):
+            rule = candidate
+            break
+    model.batch_rule = rule
+    took = time.perf_counter() - start
+    if rule.exact:
+        log.info("batch rule: multiple of %d, at least %d rows (bit-identical; checked in %.2fs)",
+                 rule.multiple, rule.minimum, took)
+    else:
+        log.warning("no batch rule gave bit-identical logits on this CPU; completions may vary "
+                    "slightly with edit history (checked in %.2fs)", took)
+    _save(cache, key, rule)
+    return rule
+
+
+def _load(cache: Path | None, key: str) -> BatchRule | None:
+    if cache is None:
+        return None
+    try:
+        data = json.loads((cache / "calibration.json").read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return BatchRule(int(data["multiple"]), int(data["minimum"]), bool(data["exact"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _save(cache: Path | None, key: str, rule: BatchRule) -> None:
+    if cache is None:
+        return
+    path = cache / "calibration.json"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[key] = {"multiple": rule.multiple, "minimum": rule.minimum, "exact": rule.exact}
+        path.write_text(json.dumps(data, indent=1))
+    except OSError as e:
+        log.warning("could not cache the batch rule in %s: %s", path, e)

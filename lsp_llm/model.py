@@ -1,0 +1,216 @@
+"""The llama.cpp model: loading, tokenization and canonical batch shapes.
+
+Everything here talks to llama.cpp through llama-cpp-python's low-level
+bindings. Nothing here is thread-safe except tokenization (read-only vocab);
+contexts are owned by the engine thread (see ``engine.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import platform
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as llama
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelError(Exception):
+    """A model that cannot be used; the message is meant for the user."""
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's own logging to Python logging (debug level)."""
+    llama_log = logging.getLogger("llama.cpp")
+
+    def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        msg = text.decode("utf-8", "replace").rstrip()
+        if msg:
+            llama_log.debug(msg)
+
+    callback = llama.llama_log_callback(on_log)
+    # Keep a reference: llama.cpp calls it for the life of the process.
+    _route_llama_logs.callback = callback  # type: ignore[attr-defined]
+    llama.llama_log_set(callback, ctypes.c_void_p())
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        _route_llama_logs()
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+def check_gguf(path: Path) -> None:
+    """Raise ModelError with a one-line message if path is not a readable GGUF."""
+    if not path.exists():
+        raise ModelError(f"model file not found: {path} (pass --model PATH to a GGUF file)")
+    if not path.is_file():
+        raise ModelError(f"model path is not a file: {path} (pass --model PATH to a GGUF file)")
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelError(f"cannot read model file {path}: {e.strerror} (check its permissions)") from None
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelError(f"not a GGUF model file: {path} (convert it with llama.cpp or pick a .gguf file)")
+    (version,) = struct.unpack("<I", head[4:8])
+    if version not in (2, 3):
+        raise ModelError(f"unsupported GGUF version {version} in {path}")
+
+
+@dataclass(frozen=True)
+class BatchRule:
+    """Canonical batch shape: every decode call has a row count that is a
+    multiple of ``multiple`` and at least ``minimum``; short batches are padded
+    with throw-away rows placed after the real ones.
+
+    ``exact`` is False when no rule gave bit-identical logits on this CPU.
+    """
+
+    multiple: int
+    minimum: int
+    exact: bool = True
+
+    def padded(self, n: int) -> int:
+        m = max(n, self.minimum)
+        return -(-m // self.multiple) * self.multiple
+
+    def plan(self, n: int, max_rows: int) -> list[int]:
+        """Split n real tokens into decode calls whose padded sizes fit max_rows.
+
+        All calls but the last are full-size multiples; the last is padded.
+        """
+        step = max_rows - max_rows % self.multiple
+        sizes = []
+        while n > step:
+            # never leave a remainder smaller than the minimum unpadded
+            take = step if n - step >= self.minimum or n - step == 0 else step - self.minimum
+            sizes.append(take)
+            n -= take
+        if n:
+            sizes.append(n)
+        return sizes
+
+
+CANDIDATE_RULES = [BatchRule(4, 4), BatchRule(4, 8), BatchRule(8, 8), BatchRule(16, 16), BatchRule(32, 32)]
+
+
+class Model:
+    """A loaded GGUF model plus its vocabulary."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int, n_ubatch: int = 128) -> None:
+        self.path = Path(path)
+        check_gguf(self.path)
+        _init_backend()
+        params = llama.llama_model_default_params()
+        # Extra buffer types (weight repacking, AMX) crash or change kernels
+        # on some CPUs; the plain CPU path is the one we calibrate.
+        params.use_extra_bufts = False
+        self._model = llama.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise ModelError(f"llama.cpp could not load model {self.path} (is it a complete GGUF file?)")
+        self.threads = threads
+        self.n_ubatch = n_ubatch
+        self._vocab = llama.llama_model_get_vocab(self._model)
+        self.n_vocab: int = llama.llama_vocab_n_tokens(self._vocab)
+        self.bos: int = llama.llama_vocab_bos(self._vocab)
+        self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab)) and self.bos >= 0
+        self.n_ctx_train: int = llama.llama_model_n_ctx_train(self._model)
+        buf = ctypes.create_string_buffer(256)
+        llama.llama_model_desc(self._model, buf, len(buf))
+        self.description = buf.value.decode("utf-8", "replace")
+        self._pieces: dict[int, bytes] = {}
+        self.batch_rule = BatchRule(4, 8)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # -- vocabulary -------------------------------------------------------
+    def tokenize(self, data: bytes, add_bos: bool) -> list[int]:
+        add = add_bos and self.add_bos
+        cap = len(data) + 8
+        arr = (llama.llama_token * cap)()
+        n = llama.llama_tokenize(self._vocab, data, len(data), arr, cap, add, False)
+        if n < 0:  # buffer too small (cannot happen for byte-level vocabularies)
+            cap = -n
+            arr = (llama.llama_token * cap)()
+            n = llama.llama_tokenize(self._vocab, data, len(data), arr, cap, add, False)
+        return list(arr[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The exact bytes a token stands for (empty for control tokens)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            cached = buf.raw[:n]
+            self._pieces[token] = cached
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+
+    # -- contexts -----------------------------------------------------------
+    def new_context(self, n_ctx: int, n_seq: int) -> llama.llama_context_p:
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = self.n_ubatch
+        params.n_ubatch = self.n_ubatch
+        params.n_seq_max = n_seq
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.kv_unified = True  # candidates share the document's cells
+        params.swa_full = True  # rewinds deeper than the sliding window stay exact
+        params.no_perf = True
+        ctx = llama.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
+        return ctx
+
+    def calibration_key(self) -> str:
+        st = self.path.stat()
+        raw = json.dumps(
+            [str(self.path.resolve()), st.st_size, st.st_mtime_ns, llama.__version__,
+             platform.machine(), _cpu_flags(), self.threads, self.n_ubatch]
+        )
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def close(self) -> None:
+        if self._model:
+            llama.llama_model_free(self._model)
+            self._model = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return hashlib.sha256(line.encode()).hexdigest()[:12]
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def logits_view(ctx: llama.llama_context_p, row: int, n_vocab: int) -> np.ndarray:
+    ptr = llama.llama_get_logits_ith(ctx, row)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
