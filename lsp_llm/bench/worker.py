@@ -1,0 +1,99 @@
+"""Run one engine on one trace in a process of its own (clean CPU time and
+peak RSS, and a crash in llama.cpp costs one cell of the table, not the run).
+
+    python -m lsp_llm.bench.worker JOB.json RESULT.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+from .engines import ENGINE_CLASSES, EngineUnavailable, Settings, cpu_seconds, peak_rss_bytes
+from .traces import Trace, iter_prefixes, offset_of
+
+
+def sample_indices(n: int, count: int) -> set[int]:
+    """count keystroke indices spread evenly over n (all when count >= n)."""
+    if count <= 0 or count >= n:
+        return set(range(n))
+    return {round(i * (n - 1) / (count - 1)) for i in range(count)} if count > 1 else {n // 2}
+
+
+def _tree(pid: int | None) -> list[int | None]:
+    if pid is None:
+        return [None]
+    try:
+        import psutil
+
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # noqa: BLE001
+        return [pid]
+
+
+def run_job(job: dict) -> dict:
+    settings = Settings(**job["settings"])
+    trace = Trace.from_json(json.loads(Path(job["trace"]).read_text()))
+    engine = ENGINE_CLASSES[job["engine"]](settings)
+    sample = job.get("sample", 0) if engine.sampled else 0
+    measure = sample_indices(len(trace.keys), sample)
+    # text before each document's first cursor, for warm-up
+    warm = []
+    for i, d in enumerate(trace.docs):
+        first = next((k for k in trace.keys if k.doc == i), None)
+        warm.append(d.text[: offset_of(d.text, first.start)] if first else d.text)
+    result: dict = {"engine": engine.name, "trace": trace.name, "status": "ok", "keys": []}
+    t_open = time.perf_counter()
+    try:
+        engine.open(trace, warm)
+    except EngineUnavailable as e:
+        return {**result, "status": "unavailable", "reason": str(e)}
+    result["open_s"] = time.perf_counter() - t_open
+    pids = _tree(engine.work_pid)
+    cpu0 = sum(cpu_seconds(p) for p in pids)
+    wall0 = time.perf_counter()
+    texts = [d.text for d in trace.docs]
+    try:
+        for i, (k, new, prefix) in enumerate(iter_prefixes(trace)):
+            old = texts[k.doc]
+            texts[k.doc] = new
+            if i not in measure:
+                continue
+            r = engine.key(k, old, new, prefix, trace.docs[k.doc].uri)
+            r.update(i=i, doc=k.doc, kind=k.kind)
+            result["keys"].append(r)
+    except Exception as e:  # noqa: BLE001 - record and report the failure
+        result["status"] = "error"
+        result["reason"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()
+    result["wall_s"] = time.perf_counter() - wall0
+    pids = _tree(engine.work_pid)
+    result["cpu_s"] = sum(cpu_seconds(p) for p in pids) - cpu0
+    result["peak_rss"] = max(peak_rss_bytes(p) for p in pids)
+    result["measured"] = len(result["keys"])
+    result["of_keys"] = len(trace.keys)
+    try:
+        result.update(engine.close())
+    except Exception as e:  # noqa: BLE001
+        result["close_error"] = str(e)
+    finish = getattr(engine, "finish", None)
+    if finish:
+        finish()
+    result["info"] = engine.info()
+    result["settings"] = asdict(settings)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    result = run_job(job)
+    Path(argv[1]).write_text(json.dumps(result))
+    return 0 if result["status"] in ("ok", "unavailable") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

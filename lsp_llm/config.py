@@ -1,0 +1,100 @@
+"""Typed settings: command-line flags, initializationOptions and
+workspace/didChangeConfiguration all land here, validated.
+
+Keys are camelCase on the wire (``nCtx``); snake_case is accepted too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # GGUF path; None: the embedded default model
+    n_ctx: int = 4096  # context size of each session
+    threads: int = _default_threads()
+    max_sessions: int = 4  # live llama.cpp contexts (LRU)
+    items: int = 5  # word items per completion
+    line_tokens: int = 24  # max tokens of the to-end-of-line item
+    log_level: str = "info"
+
+    # settings that need a new model or new contexts when they change
+    RELOAD = ("model", "n_ctx", "threads")
+
+    def update(self, raw: Any) -> tuple[Settings, list[str]]:
+        """Apply a JSON object; returns the new settings and the errors
+        (invalid entries are skipped, the rest still applies)."""
+        if raw is None:
+            return self, []
+        if not isinstance(raw, dict):
+            return self, [f"settings must be an object, got {type(raw).__name__}"]
+        if isinstance(raw.get("lsp-llm"), dict):  # {"lsp-llm": {...}} as sent by editors
+            raw = raw["lsp-llm"]
+        changes: dict[str, Any] = {}
+        errors: list[str] = []
+        names = {f.name for f in fields(self)}
+        for key, value in raw.items():
+            name = _snake(key)
+            if name not in names:
+                errors.append(f"unknown setting {key!r}")
+                continue
+            try:
+                changes[name] = _VALIDATORS[name](value)
+            except ValueError as e:
+                errors.append(f"invalid {key!r}: {e}")
+        return replace(self, **changes), errors
+
+
+def _snake(key: str) -> str:
+    out = "".join("_" + c.lower() if c.isupper() else c for c in key)
+    return out.replace("-", "_")
+
+
+def _int_in(lo: int, hi: int):
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is outside {lo}..{hi}")
+        return v
+
+    return check
+
+
+def _model(v: Any) -> str | None:
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise ValueError(f"expected a path string, got {v!r}")
+    return os.path.expanduser(v)
+
+
+def _log_level(v: Any) -> str:
+    if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {v!r}")
+    return v.lower()
+
+
+_VALIDATORS = {
+    "model": _model,
+    "n_ctx": _int_in(64, 1 << 20),
+    "threads": _int_in(1, 512),
+    "max_sessions": _int_in(1, 64),
+    "items": _int_in(1, 16),
+    "line_tokens": _int_in(0, 256),
+    "log_level": _log_level,
+}
+
+
+def apply_log_level(level: str) -> None:
+    logging.getLogger("lsp_llm").setLevel(level.upper())

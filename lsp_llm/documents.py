@@ -1,0 +1,224 @@
+"""Open documents: UTF-8 text, LSP position conversion, token mirror.
+
+A document knows its text (bytes), its tokens (``TokenMirror``) and the
+cursor (end of the latest edit). ``target(offset)`` is the token sequence a
+model session must hold to complete at ``offset``: BOS + the tokens of the
+text before it. The engine is told about every new target (``Sink``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+from .tokens import Piece, TokenMirror, Tokenize
+
+log = logging.getLogger(__name__)
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_IDENT = re.compile(rb"[A-Za-z0-9_\x80-\xff]*\Z")
+
+
+class DocumentError(ValueError):
+    """Bad input about a document; the message is meant for the client's log."""
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokenize: Tokenize  # bytes -> ids, without BOS
+    piece: Piece
+    bos: int | None  # prepended to every target, if the model wants one
+
+
+class Sink(Protocol):
+    def update(self, uri: str, target: list[int], doc_tokens: int) -> None: ...
+    def forget(self, uri: str) -> None: ...
+
+
+class Encoding:
+    UTF8 = "utf-8"
+    UTF16 = "utf-16"
+    UTF32 = "utf-32"
+
+
+def _units(text: str, encoding: str) -> list[int]:
+    """Cumulative code-unit offsets of each code point boundary in text."""
+    if encoding == Encoding.UTF16:
+        sizes = (2 if ord(c) > 0xFFFF else 1 for c in text)
+    elif encoding == Encoding.UTF8:
+        sizes = (len(c.encode("utf-8", "surrogatepass")) for c in text)
+    else:
+        sizes = (1 for _ in text)
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
+
+
+class Document:
+    def __init__(self, uri: str, text: str, version: int, vocab: Vocab | None) -> None:
+        self.uri = uri
+        self.version = version
+        self.vocab = vocab
+        self.data = _encode(text)
+        self._index_lines()
+        # no tokens until a model is loaded (DocumentStore.set_vocab)
+        self.mirror = TokenMirror(vocab.tokenize, vocab.piece, self.data) if vocab else None
+        self.cursor = len(self.data)
+
+    def _index_lines(self) -> None:
+        self.line_starts = [0] + [m.end() for m in _LINE_BREAK.finditer(self.data)]
+
+    # -- positions ------------------------------------------------------------
+    def offset(self, line: int, character: int, encoding: str) -> int:
+        """Byte offset of an LSP position. Past the end of a line means the
+        line's end; past the last line means the end of the document (LSP)."""
+        if line < 0 or character < 0:
+            raise DocumentError(f"negative position ({line}, {character})")
+        if line >= len(self.line_starts):
+            return len(self.data)
+        start = self.line_starts[line]
+        end = self.line_starts[line + 1] if line + 1 < len(self.line_starts) else len(self.data)
+        raw = self.data[start:end]
+        content = raw.rstrip(b"\r\n")
+        if encoding == Encoding.UTF8:
+            col = min(character, len(content))
+            while col > 0 and col < len(content) and (content[col] & 0xC0) == 0x80:
+                col -= 1  # inside a multi-byte character: snap to its start
+            return start + col
+        text = content.decode("utf-8", "surrogateescape")
+        units = _units(text, encoding)
+        if character >= units[-1]:
+            return start + len(content)
+        # code point index whose start is <= character
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if units[mid] <= character:
+                lo = mid
+            else:
+                hi = mid - 1
+        if units[lo] != character:
+            log.warning("%s: position (%d, %d) splits a character; using its start", self.uri, line, character)
+        return start + len(_encode(text[:lo]))
+
+    def position(self, offset: int, encoding: str) -> tuple[int, int]:
+        offset = max(0, min(offset, len(self.data)))
+        line = _bisect_right(self.line_starts, offset) - 1
+        start = self.line_starts[line]
+        prefix = self.data[start:offset]
+        if encoding == Encoding.UTF8:
+            return line, len(prefix)
+        text = prefix.decode("utf-8", "surrogateescape")
+        return line, _units(text, encoding)[-1]
+
+    # -- edits ----------------------------------------------------------------
+    def replace(self, start: int, end: int, text: str) -> None:
+        new = _encode(text)
+        self.data = self.data[:start] + new + self.data[end:]
+        self._index_lines()
+        if self.mirror is not None:
+            self.mirror.splice(self.data, start, end, start + len(new))
+        self.cursor = start + len(new)
+
+    def replace_all(self, text: str) -> None:
+        self.data = _encode(text)
+        self._index_lines()
+        if self.mirror is not None:
+            self.mirror.reset(self.data)
+        self.cursor = len(self.data)
+
+    # -- what the model must hold ---------------------------------------------
+    def target(self, offset: int | None = None) -> list[int]:
+        if self.mirror is None or self.vocab is None:
+            raise DocumentError("no model is loaded yet")
+        pos = self.cursor if offset is None else offset
+        ids = self.mirror.prefix(self.data, pos)
+        return ([self.vocab.bos] if self.vocab.bos is not None else []) + ids
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.mirror.ids) + (self.vocab.bos is not None) if self.mirror and self.vocab else 0
+
+    def word_start(self, offset: int) -> int:
+        """Start of the identifier that ends at offset (offset if none)."""
+        lo = max(0, offset - 256)
+        m = _IDENT.search(self.data, lo, offset)
+        start = m.start() if m else offset
+        # never start inside a UTF-8 sequence
+        while start < offset and (self.data[start] & 0xC0) == 0x80:
+            start += 1
+        return start
+
+
+def _encode(text: str) -> bytes:
+    # lone surrogates (possible in JSON strings) must not crash the mirror
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _bisect_right(a: list[int], x: int) -> int:
+    lo, hi = 0, len(a)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if x < a[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+class DocumentStore:
+    """The open documents; tells the sink whenever a target changes."""
+
+    def __init__(self, vocab: Vocab | None, sink: Sink) -> None:
+        self.vocab = vocab
+        self.sink = sink
+        self.docs: dict[str, Document] = {}
+
+    def set_vocab(self, vocab: Vocab) -> None:
+        """A (new) model is loaded: re-tokenize every open document."""
+        self.vocab = vocab
+        for uri, doc in list(self.docs.items()):
+            self.docs[uri] = fresh = Document(uri, doc.data.decode("utf-8", "surrogatepass"), doc.version, vocab)
+            fresh.cursor = doc.cursor
+            self.sink.update(uri, fresh.target(), fresh.n_tokens)
+
+    def get(self, uri: str) -> Document:
+        doc = self.docs.get(uri)
+        if doc is None:
+            raise DocumentError(f"unknown document {uri} (not opened with didOpen)")
+        return doc
+
+    def open(self, uri: str, text: str, version: int) -> None:
+        if uri in self.docs:
+            log.info("%s: opened again; replacing its text", uri)
+        doc = self.docs[uri] = Document(uri, text, version, self.vocab)
+        if self.vocab is not None:
+            self.sink.update(uri, doc.target(), doc.n_tokens)
+
+    def change(self, uri: str, version: int, changes: list[tuple[tuple[int, int, int, int] | None, str]],
+               encoding: str) -> None:
+        """Apply content changes in order; a None range replaces everything."""
+        doc = self.get(uri)
+        if version is not None and version <= doc.version:
+            log.warning("%s: version %s after %s; applying anyway", uri, version, doc.version)
+        for rng, text in changes:
+            if rng is None:
+                doc.replace_all(text)
+                continue
+            sl, sc, el, ec = rng
+            start = doc.offset(sl, sc, encoding)
+            end = doc.offset(el, ec, encoding)
+            if end < start:
+                raise DocumentError(f"range end before start in change to {uri}")
+            doc.replace(start, end, text)
+        doc.version = version
+        if self.vocab is not None:
+            self.sink.update(uri, doc.target(), doc.n_tokens)
+
+    def close(self, uri: str) -> None:
+        if self.docs.pop(uri, None) is None:
+            raise DocumentError(f"didClose for unknown document {uri}")
+        self.sink.forget(uri)

@@ -1,0 +1,258 @@
+"""The engine thread: the only thread that calls into llama.cpp.
+
+It owns the model sessions (an LRU pool of llama.cpp contexts, one document
+per context) and runs two kinds of work:
+
+- jobs (completion requests, model loads), first come first served;
+- background syncs: when a document's target changes, its session is
+  brought up to date while the editor is idle. Only the newest target of
+  each document is kept, and a running sync stops between decode calls as
+  soon as a newer target or a job arrives, so superseded text is never fed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .session import Cancelled, Session, SyncResult
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ProgressFn = Callable[[str, int, int], None]  # (uri, done, total)
+
+PROGRESS_MIN_TOKENS = 512  # feeds this long (about a second) report progress
+
+
+@dataclass
+class DocStats:
+    tokens: int = 0  # tokens of the whole document
+    cached: int = 0
+    reused_last: int = 0
+    fed_last: int = 0
+    fed_total: int = 0
+    generated_total: int = 0
+    syncs: int = 0
+    last_ms: float = 0.0  # the last completion, end to end on the engine
+    feed_ms: float = 0.0  # ... of which bringing the session up to date
+    generate_ms: float = 0.0  # ... of which extending the candidates
+    window_start: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    future: Future
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def window(target: list[int], n_ctx: int, headroom: int, has_bos: bool) -> tuple[list[int], int]:
+    """Fit a target into a context, leaving ``headroom`` for generation.
+
+    The kept tail starts at a multiple of a stride so that typing does not
+    shift the window (which would force a full re-feed) on every keystroke.
+    Returns the windowed target and the index of its first kept token.
+    """
+    limit = n_ctx - headroom
+    if len(target) <= limit:
+        return target, 0
+    head = target[:1] if has_bos else []
+    body = target[1:] if has_bos else target
+    room = limit - len(head)
+    stride = max(1, room // 4)
+    start = -(-(len(body) - room) // stride) * stride
+    return head + body[start:], start
+
+
+class Engine:
+    def __init__(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int) -> None:
+        self.max_sessions = max_sessions
+        self.n_ctx = n_ctx
+        self.n_branches = n_branches
+        self.headroom = headroom
+        self.model: Any = None  # lsp_llm.model.Model once loaded
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.stats: dict[str, DocStats] = {}
+        self.on_progress: ProgressFn | None = None
+        self._targets: dict[str, list[int]] = {}
+        self._dirty: OrderedDict[str, None] = OrderedDict()
+        self._jobs: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lsp-llm-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ----------------------------------------------
+    def update(self, uri: str, target: list[int], doc_tokens: int) -> None:
+        with self._cond:
+            self._targets[uri] = target
+            self.stats.setdefault(uri, DocStats()).tokens = doc_tokens
+            self._dirty[uri] = None
+            self._dirty.move_to_end(uri)
+            self._cond.notify()
+
+    def forget(self, uri: str) -> None:
+        with self._cond:
+            self._targets.pop(uri, None)
+            self._dirty.pop(uri, None)
+            self.stats.pop(uri, None)
+        self.submit(lambda: self._drop(uri))
+
+    def submit(self, fn: Callable[[], T], cancel: threading.Event | None = None) -> Future:
+        job = _Job(fn, Future(), cancel or threading.Event())
+        with self._cond:
+            if self._stopping:
+                job.future.set_exception(RuntimeError("the engine is shutting down"))
+                return job.future
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._jobs:
+                job.cancel.set()
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the engine thread -----------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._jobs and not (self._dirty and self.model):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                job = self._jobs.popleft() if self._jobs else None
+                uri = None
+                if job is None:
+                    uri, _ = self._dirty.popitem(last=False)
+                    target = self._targets[uri]
+            if job is not None:
+                self._run_job(job)
+            else:
+                self._background_sync(uri, target)
+        self._close_all()
+        with self._cond:
+            pending = list(self._jobs)
+            self._jobs.clear()
+        for job in pending:
+            job.future.set_exception(RuntimeError("the engine is shutting down"))
+
+    def _run_job(self, job: _Job) -> None:
+        if job.cancel.is_set():
+            job.future.cancel()
+            return
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+            job.future.set_exception(e)
+
+    def _background_sync(self, uri: str, target: list[int]) -> None:
+        def superseded() -> bool:
+            return bool(self._jobs) or self._stopping or self._targets.get(uri) is not target
+
+        try:
+            self.sync(uri, target, superseded)
+        except Cancelled:
+            with self._cond:  # try again later unless a newer target replaced it
+                if uri in self._targets and uri not in self._dirty:
+                    self._dirty[uri] = None
+        except Exception:
+            log.exception("%s: background sync failed", uri)
+
+    # -- engine-thread helpers (also used by jobs) --------------------------------
+    def session(self, uri: str) -> Session:
+        """The document's session, creating or recycling one (LRU)."""
+        s = self.sessions.get(uri)
+        if s is not None:
+            self.sessions.move_to_end(uri)
+            return s
+        if len(self.sessions) >= self.max_sessions:
+            old_uri, s = self.sessions.popitem(last=False)
+            log.debug("evicting the session of %s for %s", old_uri, uri)
+            if old_uri in self.stats:
+                self.stats[old_uri].cached = 0
+            s.reset()
+        else:
+            s = Session(self.model, self.n_ctx, self.n_branches)
+        self.sessions[uri] = s
+        return s
+
+    def sync(self, uri: str, target: list[int], should_stop: Callable[[], bool] | None = None) -> Session:
+        """Bring the document's session to (the window of) target."""
+        has_bos = bool(self.model.add_bos)
+        fitted, start = window(target, self.n_ctx, self.headroom, has_bos)
+        s = self.session(uri)
+        st = self.stats.setdefault(uri, DocStats())
+        progress = None
+        todo = len(fitted) - min(len(s.tokens), len(fitted))
+        if self.on_progress is not None and todo >= PROGRESS_MIN_TOKENS:
+            report = self.on_progress
+
+            def progress(done: int, total: int) -> None:
+                report(uri, done, total)
+
+            report(uri, 0, todo)
+        try:
+            result: SyncResult = s.sync(fitted, should_stop, progress)
+        finally:
+            st.cached = len(s.tokens)
+            if progress is not None:
+                report(uri, -1, todo)  # done
+        st.window_start = start
+        st.reused_last, st.fed_last = result.reused, result.fed
+        st.fed_total += result.fed
+        st.syncs += 1
+        return s
+
+    def resize(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        while len(self.sessions) > max_sessions:
+            uri, s = self.sessions.popitem(last=False)
+            if uri in self.stats:
+                self.stats[uri].cached = 0
+            s.close()
+
+    def _drop(self, uri: str) -> None:
+        s = self.sessions.pop(uri, None)
+        if s is not None:
+            s.close()
+
+    def _close_all(self) -> None:
+        for s in self.sessions.values():
+            s.close()
+        self.sessions.clear()
+
+    def set_model(self, model: Any) -> None:
+        """Engine thread only: switch models, dropping every session."""
+        self._close_all()
+        old, self.model = self.model, model
+        if old is not None and old is not model:
+            old.close()
+        with self._cond:
+            for uri in self._targets:
+                self._dirty[uri] = None
+
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t) * 1000

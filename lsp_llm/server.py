@@ -1,0 +1,342 @@
+"""The protocol edge: pygls wiring. Handlers stay thin; the work lives in
+``documents`` (text and tokens), ``engine`` (the llama.cpp thread) and
+``completion`` (candidates)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from lsprotocol import types as t
+from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.language_server import lsp_method
+
+from . import __version__
+from .completion import Candidate, candidates
+from .config import Settings, apply_log_level
+from .default_model import cache_dir, default_model_path
+from .documents import Document, DocumentError, DocumentStore, Vocab
+from .engine import Engine
+from .session import Cancelled
+
+log = logging.getLogger(__name__)
+
+STATS_COMMAND = "lsp-llm.stats"
+TRIGGERS = [".", "(", "[", ",", " ", "="]
+_DROPPED = object()  # a message answered with an error while parsing it
+
+
+class Protocol(LanguageServerProtocol):
+    """pygls's protocol with our own document mirror (pygls keeps none) and
+    an answer for every request, even a malformed one."""
+
+    @lsp_method(t.INITIALIZE)
+    def lsp_initialize(self, params: t.InitializeParams) -> Generator[Any, Any, t.InitializeResult]:
+        general = params.capabilities.general
+        if general is not None and general.position_encodings:
+            encs = list(general.position_encodings)
+            if t.PositionEncodingKind.Utf8 in encs:  # cheapest for us: prefer it
+                encs.remove(t.PositionEncodingKind.Utf8)
+                general.position_encodings = [t.PositionEncodingKind.Utf8, *encs]
+        return (yield from super().lsp_initialize(params))
+
+    def _user(self, method: str, params: Any) -> Generator[Any, Any, None]:
+        if (handler := self.fm.features.get(method)) is not None:
+            yield handler, (params,), None
+
+    @lsp_method(t.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: t.DidOpenTextDocumentParams) -> Generator[Any, Any, None]:
+        yield from self._user(t.TEXT_DOCUMENT_DID_OPEN, params)
+
+    @lsp_method(t.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: t.DidChangeTextDocumentParams) -> Generator[Any, Any, None]:
+        yield from self._user(t.TEXT_DOCUMENT_DID_CHANGE, params)
+
+    @lsp_method(t.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: t.DidCloseTextDocumentParams) -> Generator[Any, Any, None]:
+        yield from self._user(t.TEXT_DOCUMENT_DID_CLOSE, params)
+
+    def structure_message(self, data: dict[str, Any]) -> Any:
+        try:
+            return super().structure_message(data)
+        except Exception as e:
+            if "jsonrpc" in data and "id" in data and "method" in data:
+                err = e if isinstance(e, JsonRpcInvalidParams) else JsonRpcInvalidParams()
+                err.message = f"invalid params for {data['method']}: {e.__cause__ or e}"
+                self._send_response(data["id"], None, err.to_response_error())
+                return _DROPPED
+            raise
+
+    def handle_message(self, message: Any) -> None:
+        if message is _DROPPED:
+            return
+        if self._shutdown and getattr(message, "method", t.EXIT) != t.EXIT and hasattr(message, "id") \
+                and hasattr(message, "method"):
+            self._send_response(message.id, None,
+                                JsonRpcInvalidRequest("the server is shutting down").to_response_error())
+            return
+        super().handle_message(message)
+
+
+class Server(LanguageServer):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("lsp-llm", __version__, protocol_cls=Protocol, max_workers=2)
+        self.settings = settings
+        self.engine = Engine(settings.max_sessions, settings.n_ctx, n_branches=16,
+                             headroom=settings.line_tokens + 16)
+        self.store = DocumentStore(None, self.engine)
+        self.model_name = "(loading)"
+        self.ready: asyncio.Future[bool] | None = None
+        self._progress = ProgressReporter(self)
+        self.engine.on_progress = self._progress.from_engine
+
+    @property
+    def encoding(self) -> str:
+        return str(self.workspace.position_encoding or t.PositionEncodingKind.Utf16)
+
+    def tell(self, kind: t.MessageType, text: str) -> None:
+        (log.error if kind == t.MessageType.Error else log.warning)(text)
+        self.window_show_message(t.ShowMessageParams(type=kind, message=f"lsp-llm: {text}"))
+
+    # -- model ------------------------------------------------------------------
+    async def load_model(self) -> bool:
+        """Load (or reload) the model on the engine thread, with progress."""
+        s = self.settings
+        title = "lsp-llm: loading " + (Path(s.model).name if s.model else "the default model")
+        async with self._progress.task(title):
+            try:
+                model = await asyncio.wrap_future(self.engine.submit(lambda: _load(self.engine, s)))
+            except Exception as e:  # ModelError and llama.cpp failures alike
+                self.model_name = "(none)"
+                self.tell(t.MessageType.Error, str(e))
+                return False
+        self.model_name = model.name
+        self.store.set_vocab(Vocab(lambda b: model.tokenize(b, add_bos=False), model.piece,
+                                   model.bos if model.add_bos else None))
+        log.info("model %s ready (%s); batch rule %s", model.name, model.description, model.batch_rule)
+        return True
+
+    async def wait_ready(self) -> bool:
+        return bool(self.ready is not None and await asyncio.shield(self.ready))
+
+    def apply_settings(self, raw: Any, initial: bool) -> None:
+        new, errors = self.settings.update(raw)
+        for e in errors:
+            self.tell(t.MessageType.Error, f"settings: {e}")
+        old, self.settings = self.settings, new
+        apply_log_level(new.log_level)
+        self.engine.headroom = new.line_tokens + 16
+        if new.max_sessions != old.max_sessions:
+            self.engine.submit(lambda: self.engine.resize(new.max_sessions))
+        if not initial and any(getattr(new, k) != getattr(old, k) for k in Settings.RELOAD):
+            self.ready = asyncio.ensure_future(self.load_model())
+
+    # -- completion -------------------------------------------------------------------
+    async def complete(self, uri: str, pos: t.Position) -> tuple[Document, int, int, list[Candidate]]:
+        if not await self.wait_ready():
+            raise DocumentError("no model is loaded (see the earlier error)")
+        doc = self.store.get(uri)
+        offset = doc.offset(pos.line, pos.character, self.encoding)
+        start = doc.word_start(offset)
+        target = doc.target(offset)
+        s = self.settings
+        cancel = threading.Event()
+        fut = self.engine.submit(lambda: candidates(self.engine, uri, target, s.items, s.line_tokens, cancel),
+                                 cancel)
+        try:
+            return doc, start, offset, await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            cancel.set()  # stops the engine between decode calls
+            raise
+        except Cancelled:
+            raise asyncio.CancelledError() from None
+
+
+def _load(engine: Engine, s: Settings) -> Any:
+    from .calibrate import calibrate
+    from .model import Model
+
+    path = Path(s.model) if s.model else default_model_path()
+    model = Model(path, threads=s.threads)
+    calibrate(model, cache_dir())
+    engine.n_ctx = min(s.n_ctx, model.n_ctx_train) if model.n_ctx_train > 0 else s.n_ctx
+    engine.set_model(model)
+    return model
+
+
+class ProgressReporter:
+    """$/progress for long work, when the client supports it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tokens: dict[str, str] = {}
+
+    def supported(self) -> bool:
+        caps = self.server.client_capabilities
+        return bool(caps and caps.window and caps.window.work_done_progress)
+
+    async def begin(self, title: str) -> str | None:
+        if not self.supported():
+            return None
+        token = str(uuid.uuid4())
+        try:
+            await self.server.work_done_progress.create_async(token)
+        except Exception as e:
+            log.debug("client refused a progress token: %s", e)
+            return None
+        self.server.work_done_progress.begin(token, t.WorkDoneProgressBegin(title=title, percentage=0))
+        return token
+
+    def end(self, token: str | None) -> None:
+        if token is not None:
+            self.server.work_done_progress.end(token, t.WorkDoneProgressEnd())
+
+    def task(self, title: str) -> _ProgressTask:
+        return _ProgressTask(self, title)
+
+    def from_engine(self, uri: str, done: int, total: int) -> None:
+        """Engine thread: a long feed started (done=0), moved, or ended (-1)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._feed(uri, done, total)))
+
+    async def _feed(self, uri: str, done: int, total: int) -> None:
+        if done == 0:
+            token = await self.begin(f"lsp-llm: reading {uri.rsplit('/', 1)[-1]} ({total} tokens)")
+            if token:
+                self.tokens[uri] = token
+        elif done < 0:
+            self.end(self.tokens.pop(uri, None))
+        elif uri in self.tokens:
+            self.server.work_done_progress.report(
+                self.tokens[uri], t.WorkDoneProgressReport(percentage=min(100, done * 100 // max(total, 1))))
+
+
+class _ProgressTask:
+    def __init__(self, reporter: ProgressReporter, title: str) -> None:
+        self.reporter, self.title, self.token = reporter, title, None
+
+    async def __aenter__(self) -> None:
+        self.token = await self.reporter.begin(self.title)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.reporter.end(self.token)
+
+
+def build(settings: Settings) -> Server:
+    server = Server(settings)
+
+    @server.feature(t.INITIALIZE)
+    def initialize(ls: Server, params: t.InitializeParams) -> None:
+        ls.apply_settings(params.initialization_options, initial=True)
+
+    @server.feature(t.INITIALIZED)
+    async def initialized(ls: Server, params: t.InitializedParams) -> None:
+        ls._progress.loop = asyncio.get_running_loop()
+        ls.ready = asyncio.ensure_future(ls.load_model())
+
+    @server.feature(t.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: Server, params: t.DidChangeConfigurationParams) -> None:
+        ls.apply_settings(params.settings, initial=False)
+
+    @server.feature(t.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: Server, params: t.DidOpenTextDocumentParams) -> None:
+        d = params.text_document
+        _guard(lambda: ls.store.open(d.uri, d.text, d.version))
+
+    @server.feature(t.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: Server, params: t.DidChangeTextDocumentParams) -> None:
+        changes = []
+        for c in params.content_changes:
+            if isinstance(c, t.TextDocumentContentChangePartial):
+                r = c.range
+                changes.append(((r.start.line, r.start.character, r.end.line, r.end.character), c.text))
+            else:
+                changes.append((None, c.text))
+        doc = params.text_document
+        _guard(lambda: ls.store.change(doc.uri, doc.version, changes, ls.encoding))
+
+    @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: Server, params: t.DidCloseTextDocumentParams) -> None:
+        _guard(lambda: ls.store.close(params.text_document.uri))
+
+    @server.feature(t.TEXT_DOCUMENT_COMPLETION, t.CompletionOptions(trigger_characters=TRIGGERS))
+    async def completion(ls: Server, params: t.CompletionParams) -> t.CompletionList:
+        try:
+            doc, start, offset, cands = await ls.complete(params.text_document.uri, params.position)
+        except DocumentError as e:
+            log.warning("completion: %s", e)
+            return t.CompletionList(is_incomplete=True, items=[])
+        enc = ls.encoding
+        rng = t.Range(_pos(doc, start, enc), _pos(doc, offset, enc))
+        partial = doc.data[start:offset].decode("utf-8", "replace")
+        return t.CompletionList(is_incomplete=True, items=[
+            _item(i, partial, c, rng) for i, c in enumerate(cands)
+        ])
+
+    @server.feature(t.TEXT_DOCUMENT_INLINE_COMPLETION, t.InlineCompletionOptions())
+    async def inline_completion(ls: Server, params: t.InlineCompletionParams) -> t.InlineCompletionList:
+        try:
+            doc, _start, offset, cands = await ls.complete(params.text_document.uri, params.position)
+        except DocumentError as e:
+            log.warning("inline completion: %s", e)
+            return t.InlineCompletionList(items=[])
+        here = _pos(doc, offset, ls.encoding)
+        return t.InlineCompletionList(items=[
+            t.InlineCompletionItem(insert_text=c.text, range=t.Range(here, here)) for c in cands[:1]
+        ])
+
+    @server.command(STATS_COMMAND)
+    def stats(ls: Server, *args: Any) -> Any:
+        if args:
+            uri = args[0]
+            if not isinstance(uri, str) or uri not in ls.store.docs:
+                raise JsonRpcInvalidParams(f"{STATS_COMMAND}: unknown document {uri!r}")
+            return ls.engine.stats[uri].as_dict() if uri in ls.engine.stats else {}
+        return {
+            "model": ls.model_name,
+            "n_ctx": ls.engine.n_ctx,
+            "batch_rule": str(ls.engine.model.batch_rule) if ls.engine.model else None,
+            "documents": {u: s.as_dict() for u, s in list(ls.engine.stats.items())},
+        }
+
+    @server.feature(t.SHUTDOWN)
+    def shutdown(ls: Server, *args: Any) -> None:
+        ls.engine.stop()
+
+    return server
+
+
+def _guard(fn: Any) -> None:
+    """Notifications: bad input is logged and ignored; the server keeps serving."""
+    try:
+        fn()
+    except DocumentError as e:
+        log.warning("%s", e)
+
+
+def _pos(doc: Document, offset: int, enc: str) -> t.Position:
+    line, ch = doc.position(offset, enc)
+    return t.Position(line=line, character=ch)
+
+
+def _item(rank: int, partial: str, c: Candidate, rng: t.Range) -> t.CompletionItem:
+    new_text = partial + c.text
+    label = new_text.strip() or new_text
+    return t.CompletionItem(
+        label=label,
+        kind=t.CompletionItemKind.Snippet if c.whole_line else t.CompletionItemKind.Text,
+        detail=f"{c.probability:.1%}" + (" · to end of line" if c.whole_line else ""),
+        sort_text=f"{rank:03d}",
+        filter_text=new_text,
+        text_edit=t.TextEdit(range=rng, new_text=new_text),
+        insert_text_format=t.InsertTextFormat.PlainText,
+        data={"probability": c.probability},
+    )

