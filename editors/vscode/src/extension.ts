@@ -10,7 +10,6 @@ import {
   LanguageClientOptions,
   ServerOptions,
   State,
-  TransportKind,
 } from 'vscode-languageclient/node';
 
 const SECTION = 'lsp-llm';
@@ -129,14 +128,18 @@ async function stats(uri?: string): Promise<any> {
 /** Read lsp-llm.stats and show model, last latency and prefix reuse in the status bar. */
 async function refreshStatus(): Promise<void> {
   if (!client || client.state !== State.Running) return;
+  let detailModel: string | undefined;
   try {
     if (!modelName) {
       const all = await stats();
-      modelName = all?.model ? path.basename(String(all.model)).replace(/\.gguf$/i, '') : undefined;
+      const name = all?.model ? path.basename(String(all.model)).replace(/\.gguf$/i, '') : undefined;
+      // Keep it once the server reports a real name (not a placeholder such as "(loading)").
+      modelName = name && !name.startsWith('(') ? name : undefined;
+      if (!modelName && name) detailModel = name;
     }
     const doc = vscode.window.activeTextEditor?.document;
     let detail = '';
-    let tooltip = `lsp-llm: ${modelName ?? 'model ?'}`;
+    let tooltip = `lsp-llm: ${modelName ?? detailModel ?? 'model ?'}`;
     if (doc && doc.uri.scheme !== 'output') {
       const s = await stats(doc.uri.toString());
       if (s && typeof s === 'object' && s.last_ms !== undefined && s.last_ms !== null) {
@@ -150,7 +153,7 @@ async function refreshStatus(): Promise<void> {
           `\ntotal fed ${s.fed_total ?? '?'}, generated ${s.generated_total ?? '?'}`;
       }
     }
-    setStatus(`${modelName ?? 'lsp-llm'}${detail}`, tooltip);
+    setStatus(`${modelName ?? `lsp-llm ${detailModel ?? ''}`.trim()}${detail}`, tooltip);
   } catch (err) {
     output.appendLine(`[lsp-llm] stats failed: ${err}`);
   }
@@ -179,7 +182,7 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
   const serverOptions: ServerOptions = {
     command: server.command,
     args: server.args,
-    transport: TransportKind.stdio,
+    // No `transport`: with TransportKind.stdio the client would append `--stdio` to the arguments.
     options: { env: { ...process.env, PYTHONUNBUFFERED: '1' } },
   };
   const clientOptions: LanguageClientOptions = {

@@ -1,0 +1,143 @@
+// Drive a real VS Code (code-server) in headless Chromium through playwright-core:
+// open the file, type like a user, wait for the suggest widget to show lsp-llm's items,
+// accept one, check the editor, take screenshots.
+// Env: PW_CORE (path of the playwright-core package), CHROMIUM, URL, FILE_NAME, TYPED, EXPECTED, SHOTS (dir).
+// Prints one JSON line with the result.
+'use strict';
+const path = require('path');
+const { chromium } = require(process.env.PW_CORE);
+
+const TYPED = process.env.TYPED;
+const EXPECTED = process.env.EXPECTED;
+const SHOTS = process.env.SHOTS;
+const log = (...a) => console.error(`[e2e ${new Date().toISOString().slice(11, 23)}]`, ...a);
+
+async function waitFor(fn, timeoutMs, what, intervalMs = 100) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (e) {
+      last = `${e}`;
+    }
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last: ${JSON.stringify(last)}`);
+}
+
+(async () => {
+  const result = { ok: false };
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  const consoleErrors = [];
+  page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text().slice(0, 300)); });
+  try {
+    const t0 = Date.now();
+    await page.goto(process.env.URL, { waitUntil: 'domcontentloaded', timeout: 120000 });
+    await page.waitForSelector('.monaco-workbench', { timeout: 120000 });
+    log('workbench up');
+    // The status bar item of our extension appears once it has activated and started the server.
+    const status = await waitFor(async () => {
+      const texts = await page.$$eval('.statusbar-item', (els) => els.map((e) => e.textContent.trim()));
+      return texts.find((t) => /lsp-llm|gemma/i.test(t));
+    }, 120000, 'the lsp-llm status bar item');
+    result.status_at_start = status;
+    log('status bar:', status);
+
+    // Open the file with Quick Open, the way a user does.
+    await page.click('.monaco-workbench .part.editor', { timeout: 10000 }).catch(() => {});
+    await page.keyboard.press('Control+P');
+    await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 20000 });
+    await page.keyboard.type(process.env.FILE_NAME, { delay: 30 });
+    await waitFor(async () => (await page.$$('.quick-input-list .monaco-list-row')).length > 0, 20000, 'quick open results');
+    await page.keyboard.press('Enter');
+    await page.waitForSelector('.monaco-editor .view-lines', { timeout: 30000 });
+    await waitFor(async () => (await page.$$eval('.monaco-editor .view-line', (els) => els.map((e) => e.textContent.replace(/\u00a0/g, ' ')).join('\n'))).includes('def greet'), 30000, 'the file contents');
+    log('file open after', Date.now() - t0, 'ms');
+
+    // Wait until the server knows the document (its stats answer for it) = status shows latency or model.
+    await page.locator('.monaco-editor textarea').first().focus();
+    // Go to line 6, end of line, new line, type the prefix key by key.
+    await page.keyboard.press('Control+G');
+    await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
+    await page.keyboard.type('6', { delay: 30 });
+    await page.keyboard.press('Enter');
+    await page.waitForSelector('.quick-input-widget', { state: 'hidden', timeout: 10000 });
+    await page.waitForTimeout(300);
+    await page.keyboard.press('End');
+    await page.waitForTimeout(100);
+    await page.keyboard.press('Enter');
+    await page.waitForTimeout(300);
+    const tType = Date.now();
+    await page.keyboard.type(TYPED, { delay: 150 });
+
+    // The suggest widget with our items.
+    const rows = await waitFor(async () => {
+      const visible = await page.$('.editor-widget.suggest-widget.visible');
+      if (!visible) {
+        // Quick suggestions can be dismissed by timing; ask explicitly like a user would.
+        if (Date.now() - tType > 8000) await page.keyboard.press('Control+Space');
+        return null;
+      }
+      const r = await page.$$eval('.editor-widget.suggest-widget.visible .monaco-list-row', (els) =>
+        els.map((e) => ({
+          label: (e.querySelector('.label-name') || e).textContent.trim(),
+          details: (e.querySelector('.details-label') || { textContent: '' }).textContent.trim(),
+          aria: e.getAttribute('aria-label') || '',
+          focused: e.classList.contains('focused'),
+        })));
+      return r.length && r.some((x) => x.label.startsWith(TYPED) && x.label.length > TYPED.length) ? r : null;
+    }, 90000, 'the suggest widget with lsp-llm items');
+    result.suggest_ms = Date.now() - tType;
+    result.rows = rows;
+    log('suggest widget after', result.suggest_ms, 'ms:', JSON.stringify(rows.map((r) => r.label)));
+    // Let the inline details (our probability) render, then take the screenshot.
+    await page.waitForTimeout(300);
+    result.rows = await page.$$eval('.editor-widget.suggest-widget.visible .monaco-list-row', (els) =>
+      els.map((e) => ({
+        label: (e.querySelector('.label-name') || e).textContent.trim(),
+        details: (e.querySelector('.details-label') || { textContent: '' }).textContent.trim(),
+        aria: e.getAttribute('aria-label') || '',
+        focused: e.classList.contains('focused'),
+      })));
+    await page.screenshot({ path: path.join(SHOTS, 'vscode-suggest.png') });
+
+    // Accept: the expected word if offered, else the best-ranked longer identifier.
+    const labels = result.rows.map((r) => r.label);
+    let target = labels.indexOf(EXPECTED);
+    if (target < 0) target = labels.findIndex((l) => l.startsWith(TYPED) && l.length > TYPED.length && /^[A-Za-z_][A-Za-z0-9_]*$/.test(l));
+    const focused = Math.max(0, result.rows.findIndex((r) => r.focused));
+    result.chosen = labels[target];
+    for (let i = focused; i < target; i++) await page.keyboard.press('ArrowDown');
+    for (let i = focused; i > target; i--) await page.keyboard.press('ArrowUp');
+    await page.waitForTimeout(200);
+    await page.keyboard.press('Enter');
+    await page.waitForTimeout(500);
+    await page.keyboard.press('Escape');
+    result.lines = await page.$$eval('.monaco-editor .view-lines .view-line', (els) =>
+      els.map((e) => ({ top: parseFloat(e.style.top) || 0, text: e.textContent.replace(/\u00a0/g, ' ') }))
+        .sort((a, b) => a.top - b.top).map((l) => l.text));
+    await page.screenshot({ path: path.join(SHOTS, 'vscode-accepted.png') });
+
+    // Status bar after a completion: model, latency and reuse from lsp-llm.stats.
+    result.status_after = await waitFor(async () => {
+      const texts = await page.$$eval('.statusbar-item', (els) => els.map((e) => e.textContent.trim()));
+      return texts.find((t) => /reuse/i.test(t));
+    }, 20000, 'the status bar to show latency and reuse').catch((e) => `${e}`);
+    result.ok = true;
+  } catch (e) {
+    result.error = `${e.stack || e}`;
+    await page.screenshot({ path: path.join(SHOTS, 'vscode-failure.png') }).catch(() => {});
+  } finally {
+    result.console_errors = consoleErrors.slice(0, 20);
+    await browser.close();
+  }
+  process.stdout.write(JSON.stringify(result) + '\n');
+})();
