@@ -155,7 +155,8 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
             [str(node24), str(HERE / "vscode_e2e.js")], cwd=tmp_path, capture_output=True, text=True, timeout=420,
             env=dict(env, PW_CORE=str(pw_core), CHROMIUM=str(chromium),
                      URL=f"http://127.0.0.1:{port}/?folder={sample_project}", FILE_NAME="hello.py",
-                     TYPED=TYPED, EXPECTED=EXPECTED, SHOTS=str(shots)))
+                     TYPED=TYPED, EXPECTED=EXPECTED, SHOTS=str(shots), SERVER_LOG=str(server_log),
+                     SETTINGS_FILES=json.dumps([str(user_data / s / "settings.json") for s in ("User", "Machine")])))
         print(e2e.stderr[-3000:])
         print(f"browser session: {time.monotonic() - t0:.1f}s")
         assert e2e.stdout.strip(), f"no result from the browser driver (rc={e2e.returncode}):\n{e2e.stderr[-4000:]}"
@@ -171,7 +172,8 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    print(json.dumps({k: res[k] for k in ("status_at_start", "suggest_ms", "chosen", "status_after")}))
+    print(json.dumps({k: res.get(k) for k in ("status_at_start", "suggest_ms", "chosen", "status_after",
+                                              "settings_notification", "status_after_restart")}))
     print("rows:", [(r["label"], r["details"]) for r in res["rows"]])
 
     # The suggest widget showed our items: words that extend what was typed, with our probability detail.
@@ -188,6 +190,12 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
     # The status bar item: model name from lsp-llm.stats, then latency and reuse after completions.
     assert "gemma" in res["status_at_start"].lower() or "lsp-llm" in res["status_at_start"].lower()
     assert "ms" in res["status_after"] and "reuse" in res["status_after"], res["status_after"]
+    # A changed setting reached the server (it validates it and answers with window/showMessage).
+    assert "items" in res["settings_notification"] and "timed out" not in res["settings_notification"], \
+        res["settings_notification"]
+    # "lsp-llm: Restart Server" started a second server process, which came up with the model.
+    assert "gemma" in res["status_after_restart"].lower(), res["status_after_restart"]
+    assert server_log.read_text().count("serving LSP on stdio") >= 2, server_log.read_text()[-2000:]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,7 @@
 // Env: PW_CORE (path of the playwright-core package), CHROMIUM, URL, FILE_NAME, TYPED, EXPECTED, SHOTS (dir).
 // Prints one JSON line with the result.
 'use strict';
+const fs = require('fs');
 const path = require('path');
 const { chromium } = require(process.env.PW_CORE);
 
@@ -131,6 +132,40 @@ async function waitFor(fn, timeoutMs, what, intervalMs = 100) {
       const texts = await page.$$eval('.statusbar-item', (els) => els.map((e) => e.textContent.trim()));
       return texts.find((t) => /reuse/i.test(t));
     }, 20000, 'the status bar to show latency and reuse').catch((e) => `${e}`);
+
+    // A settings change goes to the server (workspace/didChangeConfiguration): an out-of-range
+    // value comes back as the server's window/showMessage, shown as a notification.
+    for (const file of JSON.parse(process.env.SETTINGS_FILES || '[]')) {
+      const settings = JSON.parse(fs.readFileSync(file, 'utf8'));
+      settings['lsp-llm.items'] = 99;
+      fs.writeFileSync(file, JSON.stringify(settings, null, 2));
+    }
+    result.settings_notification = await waitFor(async () => {
+      const texts = await page.$$eval('.notification-list-item-message', (els) => els.map((e) => e.textContent));
+      return texts.find((t) => /items/.test(t) && /lsp-llm/.test(t));
+    }, 30000, 'the server to report the changed setting').catch((e) => `${e}`);
+    log('notification:', result.settings_notification);
+    await page.screenshot({ path: path.join(SHOTS, 'vscode-settings-change.png') });
+
+    // "lsp-llm: Restart Server" from the command palette.
+    await page.keyboard.press('Escape');
+    await page.locator('.monaco-editor textarea').first().focus();
+    await page.keyboard.press('F1');
+    await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
+    await page.keyboard.type('lsp-llm: Restart Server', { delay: 20 });
+    await waitFor(async () => {
+      const rows = await page.$$eval('.quick-input-list .monaco-list-row', (els) => els.map((e) => e.textContent));
+      return rows.some((t) => /Restart Server/.test(t));
+    }, 10000, 'the Restart Server command in the palette');
+    await page.keyboard.press('Enter');
+    const starts = () => (fs.readFileSync(process.env.SERVER_LOG, 'utf8').match(/serving LSP on stdio/g) || []).length;
+    result.server_starts = await waitFor(async () => starts() >= 2 && starts(), 60000, 'a second server process');
+    await page.waitForTimeout(500);
+    result.status_after_restart = await waitFor(async () => {
+      const texts = await page.$$eval('.statusbar-item', (els) => els.map((e) => e.textContent.trim()));
+      return texts.find((t) => /gemma/i.test(t));
+    }, 60000, 'the status bar after the restart').catch((e) => `${e}`);
+    log('after restart:', result.status_after_restart);
     result.ok = true;
   } catch (e) {
     result.error = `${e.stack || e}`;

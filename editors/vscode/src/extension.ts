@@ -142,7 +142,7 @@ async function refreshStatus(): Promise<void> {
     let tooltip = `lsp-llm: ${modelName ?? detailModel ?? 'model ?'}`;
     if (doc && doc.uri.scheme !== 'output') {
       const s = await stats(doc.uri.toString());
-      if (s && typeof s === 'object' && s.last_ms !== undefined && s.last_ms !== null) {
+      if (s && typeof s === 'object' && Number(s.last_ms) > 0) {
         const reused = Number(s.reused_last ?? 0);
         const fed = Number(s.fed_last ?? 0);
         const reuse = reused + fed > 0 ? Math.round((100 * reused) / (reused + fed)) : 100;
