@@ -31,10 +31,12 @@ def _is_ident(b: int) -> bool:
     return b == 0x5F or 0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A or b >= 0x80
 
 
-def word_end(text: bytes) -> int | None:
-    """Where a candidate's word ends: after the first run of identifier bytes
-    (any leading spaces or punctuation included), or at a line break."""
-    seen = False
+def word_end(text: bytes, mid_word: bool) -> int | None:
+    """Where a candidate's word ends. Inside a word: at the first byte that
+    cannot be part of an identifier. Otherwise: after the first run of
+    identifier bytes (leading spaces or punctuation included). Always at a
+    line break."""
+    seen = mid_word
     for i, b in enumerate(text):
         if b in (0x0A, 0x0D):
             return i
@@ -56,51 +58,64 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "ignore")  # drops a multi-byte char cut in half
 
 
-def top_tokens(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most likely tokens (most likely first) and their probabilities."""
-    idx = np.argpartition(logits, -k)[-k:]
-    idx = idx[np.lexsort((idx, -logits[idx]))]  # by logit, ties by token id
-    m = float(logits.max())
-    z = float(np.exp(logits - m, dtype=np.float64).sum())
-    return idx, np.exp(logits[idx].astype(np.float64) - m) / z
+def top_tokens(logits: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely tokens among allowed (most likely first) and their
+    probabilities, renormalized over allowed: P(token | it fits the text)."""
+    ids = np.arange(len(logits)) if allowed is None else allowed
+    scores = logits[ids].astype(np.float64)
+    k = min(k, len(ids))
+    top = np.argpartition(scores, -k)[-k:]
+    top = top[np.lexsort((ids[top], -scores[top]))]  # by score, ties by token id
+    m = scores.max()
+    z = np.exp(scores - m).sum()
+    return ids[top], np.exp(scores[top] - m) / z
 
 
 def candidates(
     engine: Engine,
     uri: str,
-    target: list[int],
+    prompt: list[int],
+    healed: int | None,
+    mid_word: bool,
     items: int,
     line_tokens: int,
     cancel: threading.Event,
 ) -> list[Candidate]:
-    """Engine thread: sync the document's session to target, then extend."""
+    """Engine thread: sync the document's session to the prompt, then extend
+    the best first tokens that start with the healed token's text."""
+    if not prompt:
+        return []
     t0 = time.perf_counter()
-    session = engine.sync(uri, target, cancel.is_set)
+    session = engine.sync(uri, prompt, cancel.is_set)
     t1 = time.perf_counter()
     model = engine.model
-    k = min(items + 4, engine.n_branches)  # a few spares for empty/duplicate tokens
-    ids, probs = top_tokens(session.logits, k)
-    firsts = [int(t) for t in ids if model.piece(int(t)) and not model.is_eog(int(t))][: min(items, k)]
-    probs_by_id = {int(t): float(p) for t, p in zip(ids, probs)}
+    typed = model.piece(healed) if healed is not None else b""
+    allowed = model.tokens_starting_with(typed) if typed else None
+    ids, probs = top_tokens(session.logits, min(items + 4, engine.n_branches), allowed)
+    keep = [i for i, t in enumerate(ids) if not model.is_eog(int(t))][:items]
+    firsts = [int(ids[i]) for i in keep]
+    p_first = {int(ids[i]): float(probs[i]) for i in keep}
+    skip = len(typed)  # the healed text is already in the document
 
     def done(i: int, text: bytes) -> bool:
-        return (line_end(text) if i == 0 else word_end(text)) is not None
+        rest = text[skip:]
+        return (line_end(rest) if i == 0 else word_end(rest, mid_word)) is not None
 
     branches, generated = session.extend(firsts, done, max(line_tokens, WORD_TOKENS), cancel.is_set)
     t2 = time.perf_counter()
     out: list[Candidate] = []
     seen: set[str] = set()
     for i, toks in enumerate(branches):
-        raw = b"".join(model.piece(t) for t in toks if not model.is_eog(t))
-        cut = word_end(raw)
-        word = _decode(raw[:cut] if cut is not None else raw)
-        p = probs_by_id[toks[0]]
-        if word.strip() and word not in seen:
+        rest = b"".join(model.piece(t) for t in toks if not model.is_eog(t))[skip:]
+        p = p_first[toks[0]]
+        cut = word_end(rest, mid_word)
+        word = _decode(rest[:cut] if cut is not None else rest)
+        if (word.strip() or mid_word) and word not in seen:
             seen.add(word)
             out.append(Candidate(word, p))
         if i == 0:
-            cut = line_end(raw)
-            line = _decode(raw[:cut] if cut is not None else raw).rstrip()
+            cut = line_end(rest)
+            line = _decode(rest[:cut] if cut is not None else rest).rstrip()
             if line.strip() and line not in seen:
                 seen.add(line)
                 out.insert(0, Candidate(line, p, whole_line=True))

@@ -132,11 +132,24 @@ class Document:
 
     # -- what the model must hold ---------------------------------------------
     def target(self, offset: int | None = None) -> list[int]:
+        """BOS + the tokens of the text before offset (default: the cursor)."""
         if self.mirror is None or self.vocab is None:
             raise DocumentError("no model is loaded yet")
         pos = self.cursor if offset is None else offset
         ids = self.mirror.prefix(self.data, pos)
         return ([self.vocab.bos] if self.vocab.bos is not None else []) + ids
+
+    def prompt(self, offset: int | None = None) -> tuple[list[int], int | None]:
+        """What the session holds to complete at offset: the target less its
+        last token, which completion regenerates under the constraint that
+        it starts with that token's text (token healing: after ``pri`` the
+        model may pick ``print`` rather than continue an odd ``pri`` token).
+        Returns the prompt and the healed token (None if nothing to heal)."""
+        target = self.target(offset)
+        first = 1 if self.vocab is not None and self.vocab.bos is not None else 0
+        if len(target) > first:
+            return target[:-1], target[-1]
+        return target, None
 
     @property
     def n_tokens(self) -> int:
@@ -183,7 +196,7 @@ class DocumentStore:
         for uri, doc in list(self.docs.items()):
             self.docs[uri] = fresh = Document(uri, doc.data.decode("utf-8", "surrogatepass"), doc.version, vocab)
             fresh.cursor = doc.cursor
-            self.sink.update(uri, fresh.target(), fresh.n_tokens)
+            self.sink.update(uri, fresh.prompt()[0], fresh.n_tokens)
 
     def get(self, uri: str) -> Document:
         doc = self.docs.get(uri)
@@ -196,7 +209,7 @@ class DocumentStore:
             log.info("%s: opened again; replacing its text", uri)
         doc = self.docs[uri] = Document(uri, text, version, self.vocab)
         if self.vocab is not None:
-            self.sink.update(uri, doc.target(), doc.n_tokens)
+            self.sink.update(uri, doc.prompt()[0], doc.n_tokens)
 
     def change(self, uri: str, version: int, changes: list[tuple[tuple[int, int, int, int] | None, str]],
                encoding: str) -> None:
@@ -216,7 +229,7 @@ class DocumentStore:
             doc.replace(start, end, text)
         doc.version = version
         if self.vocab is not None:
-            self.sink.update(uri, doc.target(), doc.n_tokens)
+            self.sink.update(uri, doc.prompt()[0], doc.n_tokens)
 
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is None:

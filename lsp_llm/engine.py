@@ -211,15 +211,16 @@ class Engine:
                 report(uri, done, total)
 
             report(uri, 0, todo)
+        fed_before = s.fed_count
         try:
             result: SyncResult = s.sync(fitted, should_stop, progress)
         finally:
             st.cached = len(s.tokens)
+            st.fed_total += s.fed_count - fed_before
             if progress is not None:
                 report(uri, -1, todo)  # done
         st.window_start = start
         st.reused_last, st.fed_last = result.reused, result.fed
-        st.fed_total += result.fed
         st.syncs += 1
         return s
 

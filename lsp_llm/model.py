@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import struct
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,7 @@ class Model:
         llama.llama_model_desc(self._model, buf, len(buf))
         self.description = buf.value.decode("utf-8", "replace")
         self._pieces: dict[int, bytes] = {}
+        self._sorted: tuple[list[bytes], np.ndarray] | None = None
         self.batch_rule = BatchRule(4, 8)
 
     @property
@@ -165,6 +167,22 @@ class Model:
             cached = buf.raw[:n]
             self._pieces[token] = cached
         return cached
+
+    def tokens_starting_with(self, prefix: bytes) -> np.ndarray:
+        """Ids of the normal tokens whose text starts with prefix."""
+        if self._sorted is None:
+            ids = [t for t in range(self.n_vocab) if self.piece(t) and not self.is_control(t)]
+            ids.sort(key=self.piece)
+            self._sorted = ([self.piece(t) for t in ids], np.array(ids, dtype=np.int64))
+        pieces, ids = self._sorted
+        lo = bisect_left(pieces, prefix)
+        hi = bisect_left(pieces, prefix + b"\xff" * 8, lo)
+        while hi < len(pieces) and pieces[hi].startswith(prefix):
+            hi += 1
+        return ids[lo:hi]
+
+    def is_control(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_control(self._vocab, token))
 
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._vocab, token))

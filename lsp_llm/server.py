@@ -145,11 +145,11 @@ class Server(LanguageServer):
         doc = self.store.get(uri)
         offset = doc.offset(pos.line, pos.character, self.encoding)
         start = doc.word_start(offset)
-        target = doc.target(offset)
+        prompt, healed = doc.prompt(offset)
         s = self.settings
         cancel = threading.Event()
-        fut = self.engine.submit(lambda: candidates(self.engine, uri, target, s.items, s.line_tokens, cancel),
-                                 cancel)
+        fut = self.engine.submit(lambda: candidates(self.engine, uri, prompt, healed, start < offset, s.items,
+                                                    s.line_tokens, cancel), cancel)
         try:
             return doc, start, offset, await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
@@ -166,6 +166,7 @@ def _load(engine: Engine, s: Settings) -> Any:
     path = Path(s.model) if s.model else default_model_path()
     model = Model(path, threads=s.threads)
     calibrate(model, cache_dir())
+    model.tokens_starting_with(b"")  # builds the prefix index now, not on the first keystroke
     engine.n_ctx = min(s.n_ctx, model.n_ctx_train) if model.n_ctx_train > 0 else s.n_ctx
     engine.set_model(model)
     return model

@@ -63,6 +63,7 @@ class Session:
         self.batch = llama.llama_batch_init(self.rows, 0, 1)
         self.tokens: list[int] = []
         self.logits: np.ndarray | None = None
+        self.fed_count = 0  # document tokens decoded, ever (cancelled feeds included)
         self._bos_logits: np.ndarray | None = None
 
     @property
@@ -93,23 +94,25 @@ class Session:
         if len(target) > self.n_ctx:
             raise ValueError(f"{len(target)} tokens do not fit a context of {self.n_ctx}")
         bos = self.model.bos if self.model.add_bos else None
+        fed_bos = 0
         if bos is not None and target[0] == bos and not self.tokens:
             # BOS goes alone so its logits can be cached: the session then
             # never has to rewind past it.
             self._decode_doc([bos], want_logits=True)
             self._bos_logits = self.logits
+            fed_bos = 1
         keep = common_prefix(self.tokens, target)
         if keep == len(target):  # target is a prefix of what we hold
             if keep == len(self.tokens) and self.logits is not None:
-                return SyncResult(reused=keep, fed=0)
+                return SyncResult(reused=keep - fed_bos, fed=fed_bos)
             if keep == 1 and target[0] == bos and self._bos_logits is not None:
                 self._rewind(1)
                 self.logits = self._bos_logits
-                return SyncResult(reused=1, fed=0)
+                return SyncResult(reused=1 - fed_bos, fed=fed_bos)
             keep -= 1  # the logits of the last token are needed: re-feed it
         self._rewind(keep)
         fed = self._feed(list(target[keep:]), should_stop, progress)
-        return SyncResult(reused=keep, fed=fed)
+        return SyncResult(reused=keep - fed_bos, fed=fed + fed_bos)
 
     def _rewind(self, n: int) -> None:
         if n < len(self.tokens):
@@ -152,6 +155,7 @@ class Session:
         if rows > n:
             llama.llama_memory_seq_rm(self.mem, DOC_SEQ, start + n, -1)
         self.tokens.extend(chunk)
+        self.fed_count += n
         if want_logits:
             self.logits = logits_view(self.ctx, n - 1, self.model.n_vocab).copy()
         else:
