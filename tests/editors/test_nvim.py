@@ -168,3 +168,17 @@ def test_nvim_completion_as_you_type(nvim: Nvim):
     stats = nvim.lua("return (require('lsp_llm').stats(0))")
     assert stats and stats.get("last_ms") is not None, stats
     print(f"stats: {stats}")
+
+
+def test_nvim_restart_command(nvim: Nvim):
+    first = nvim.wait(
+        "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1];"
+        "return c and c.initialized and c.id or false", timeout=60, what="lsp_llm client")
+    nvim.send(":LspLlmRestart<CR>")
+    second = nvim.wait(
+        "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1];"
+        f"return c and c.initialized and c.id ~= {first} and c.id or false", timeout=60, what="a new lsp_llm client")
+    assert second != first
+    # Completion is enabled again for the buffer with the new client (LspAttach ran again).
+    stats = nvim.lua("return (require('lsp_llm').stats(0, true))")
+    assert stats["model"], stats
