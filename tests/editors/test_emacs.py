@@ -22,8 +22,12 @@ def emacs_binary() -> str:
     if not exe:
         missing("emacs not found (apt-get install emacs-nox)")
     # eglot: built into Emacs 29+; Debian's elpa-eglot on 28 (activated by site-start, so no -Q).
-    probe = subprocess.run([exe, "--batch", "--eval", '(princ (or (locate-library "eglot") ""))'],
-                           capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [exe, "--batch", "--eval", '(princ (or (locate-library "eglot") ""))'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if not probe.stdout.strip():
         missing("eglot not available in Emacs (apt-get install elpa-eglot on Emacs 28)")
     return exe
@@ -34,15 +38,37 @@ def test_lsp_llm_el_byte_compiles_and_loads_without_lsp_mode(tmp_path: Path):
     src = tmp_path / "lsp-llm.el"
     shutil.copy(EDITORS / "emacs" / "lsp-llm.el", src)
     out = subprocess.run(
-        [exe, "--batch", "-L", str(tmp_path), "--eval", "(setq byte-compile-error-on-warn t)",
-         "-f", "batch-byte-compile", str(src)], capture_output=True, text=True, timeout=120)
+        [
+            exe,
+            "--batch",
+            "-L",
+            str(tmp_path),
+            "--eval",
+            "(setq byte-compile-error-on-warn t)",
+            "-f",
+            "batch-byte-compile",
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     # Loads without eglot or lsp-mode loaded; registers itself once eglot loads.
     out = subprocess.run(
-        [exe, "--batch", "-L", str(tmp_path), "--eval",
-         "(progn (require 'lsp-llm) (princ (featurep 'lsp-mode)) (princ \" \")"
-         " (require 'eglot) (princ (and (rassq #'lsp-llm-eglot-contact eglot-server-programs) t)))"],
-        capture_output=True, text=True, timeout=60)
+        [
+            exe,
+            "--batch",
+            "-L",
+            str(tmp_path),
+            "--eval",
+            "(progn (require 'lsp-llm) (princ (featurep 'lsp-mode)) (princ \" \")"
+            " (require 'eglot) (princ (and (rassq #'lsp-llm-eglot-contact eglot-server-programs) t)))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "nil t"
 
@@ -50,22 +76,38 @@ def test_lsp_llm_el_byte_compiles_and_loads_without_lsp_mode(tmp_path: Path):
 def test_emacs_eglot_completion_at_point(sample_project: Path, tmp_path: Path):
     exe = emacs_binary()
     out_file = tmp_path / "result.json"
-    env = dict(os.environ, LSP_LLM_REPO=str(REPO), LSP_LLM_CMD=json.dumps(server_cmd()),
-               LSP_LLM_FILE=str(sample_project / "hello.py"), LSP_LLM_TYPED=TYPED,
-               LSP_LLM_EXPECTED=EXPECTED, LSP_LLM_OUT=str(out_file),
-               HOME=str(tmp_path))  # a clean user: no ~/.emacs.d
+    env = dict(
+        os.environ,
+        LSP_LLM_REPO=str(REPO),
+        LSP_LLM_CMD=json.dumps(server_cmd()),
+        LSP_LLM_FILE=str(sample_project / "hello.py"),
+        LSP_LLM_TYPED=TYPED,
+        LSP_LLM_EXPECTED=EXPECTED,
+        LSP_LLM_OUT=str(out_file),
+        HOME=str(tmp_path),
+    )  # a clean user: no ~/.emacs.d
     env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))  # keep the server's model cache
     t0 = time.monotonic()
-    proc = subprocess.run([exe, "--batch", "-l", str(HERE / "emacs_test.el")], cwd=sample_project,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [exe, "--batch", "-l", str(HERE / "emacs_test.el")],
+        cwd=sample_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     elapsed = time.monotonic() - t0
     assert out_file.exists(), f"no result (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     res = json.loads(out_file.read_text())
     if res.get("ok") is not True:
-        pytest.fail(f"emacs test failed: {res.get('error')}\nstderr:\n{res.get('stderr', '')[-3000:]}\n"
-                    f"events:\n{res.get('events_tail', '')}\nemacs:\n{proc.stderr[-3000:]}")
-    print(f"Emacs {res['emacs']}, eglot {res['eglot']}: connected in {res['connect_s']:.1f}s, "
-          f"capf in {res['capf_s']:.2f}s, total {elapsed:.1f}s")
+        pytest.fail(
+            f"emacs test failed: {res.get('error')}\nstderr:\n{res.get('stderr', '')[-3000:]}\n"
+            f"events:\n{res.get('events_tail', '')}\nemacs:\n{proc.stderr[-3000:]}"
+        )
+    print(
+        f"Emacs {res['emacs']}, eglot {res['eglot']}: connected in {res['connect_s']:.1f}s, "
+        f"capf in {res['capf_s']:.2f}s, total {elapsed:.1f}s"
+    )
     print(f"candidates: {res['candidates']} details: {res['details']} chosen: {res['chosen']!r}")
 
     assert res["registered"] is True  # lsp-llm.el put itself into eglot-server-programs

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from editor_helpers import EDITORS, EXPECTED, REPO, TYPED, find_tool, missing, server_cmd
 
 HERE = Path(__file__).parent
@@ -38,8 +37,9 @@ class Nvim:
         self.exe, self.sock, self.proc = exe, sock, proc
 
     def _remote(self, *args: str) -> str:
-        out = subprocess.run([self.exe, "--clean", "--headless", "--server", str(self.sock), *args],
-                             capture_output=True, timeout=30)
+        out = subprocess.run(
+            [self.exe, "--clean", "--headless", "--server", str(self.sock), *args], capture_output=True, timeout=30
+        )
         if out.returncode != 0 or out.stderr.strip():
             raise AssertionError(f"nvim {args[0]} failed ({out.returncode}): {out.stderr.decode()}")
         return out.stdout.decode()
@@ -76,15 +76,31 @@ def nvim(sample_project: Path, tmp_path: Path):
     if major_minor < (0, 11):
         missing(f"Neovim 0.11+ needed, found {version}")
     sock = tmp_path / "nvim.sock"
-    env = dict(os.environ,
-               LSP_LLM_REPO=str(REPO), LSP_LLM_CMD=json.dumps(server_cmd()),
-               XDG_STATE_HOME=str(tmp_path / "state"), XDG_DATA_HOME=str(tmp_path / "data"),
-               XDG_CONFIG_HOME=str(tmp_path / "config"))  # XDG_CACHE_HOME kept: the server's model cache
+    env = dict(
+        os.environ,
+        LSP_LLM_REPO=str(REPO),
+        LSP_LLM_CMD=json.dumps(server_cmd()),
+        XDG_STATE_HOME=str(tmp_path / "state"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+    )  # XDG_CACHE_HOME kept: the server's model cache
     proc = subprocess.Popen(
-        [exe, "--clean", "-u", str(HERE / "nvim_init.lua"), "--headless", "--listen", str(sock),
-         str(sample_project / "hello.py")],
-        cwd=sample_project, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "nvim.stderr", "wb"))
+        [
+            exe,
+            "--clean",
+            "-u",
+            str(HERE / "nvim_init.lua"),
+            "--headless",
+            "--listen",
+            str(sock),
+            str(sample_project / "hello.py"),
+        ],
+        cwd=sample_project,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "nvim.stderr", "wb"),
+    )
     deadline = time.monotonic() + 20
     while not sock.exists():
         assert proc.poll() is None, f"nvim exited: {(tmp_path / 'nvim.stderr').read_text()}"
@@ -115,7 +131,9 @@ def test_nvim_completion_as_you_type(nvim: Nvim):
         "return { done = true, ft = vim.bo.filetype, cot = vim.bo.completeopt,"
         " triggers = c.server_capabilities.completionProvider.triggerCharacters,"
         " init_options = c.config.init_options }",
-        timeout=60, what="lsp_llm client to initialize")
+        timeout=60,
+        what="lsp_llm client to initialize",
+    )
     assert info["ft"] == "python"
     assert "noinsert" in info["cot"]
     assert "p" in info["triggers"], "setup() should add identifier characters as triggers"
@@ -136,7 +154,9 @@ def test_nvim_completion_as_you_type(nvim: Nvim):
         f" and vim.iter(words):any(function(w) return #w > {len(TYPED)} end);"
         f"return {{ done = ok, pum = vim.fn.pumvisible(), words = words, selected = ci.selected,"
         f" items = ok and ci.items or nil, mode = vim.api.nvim_get_mode().mode, line = line }}",
-        timeout=60, what=f"the completion menu to offer words for {TYPED!r}")
+        timeout=60,
+        what=f"the completion menu to offer words for {TYPED!r}",
+    )
     print(f"menu after {time.monotonic() - t1:.2f}s: {state['words']}")
     assert state["mode"].startswith("i")
     line_before = state["line"]
@@ -144,8 +164,9 @@ def test_nvim_completion_as_you_type(nvim: Nvim):
     # Our items (lsp-llm: the partial word extended by the model), probability shown in the menu.
     words = state["words"]
     assert all(w.startswith(TYPED) for w in words), words
-    assert all("%" in (i.get("menu", "") + i.get("info", "") + json.dumps(i.get("user_data")))
-               for i in state["items"]), state["items"]
+    assert all(
+        "%" in (i.get("menu", "") + i.get("info", "") + json.dumps(i.get("user_data"))) for i in state["items"]
+    ), state["items"]
     # Prefer the obvious word; the small model may rank others first, so take the best longer word then.
     target = EXPECTED if EXPECTED in words else next(w for w in words if len(w) > len(TYPED) and w.isidentifier())
     print(f"accepting {target!r}")
@@ -158,8 +179,9 @@ def test_nvim_completion_as_you_type(nvim: Nvim):
     nvim.send("<C-y>")
     time.sleep(0.3)
     nvim.send("<Esc>")
-    line = nvim.wait("return vim.api.nvim_get_mode().mode == 'n' and vim.api.nvim_get_current_line()",
-                     timeout=10, what="normal mode")
+    line = nvim.wait(
+        "return vim.api.nvim_get_mode().mode == 'n' and vim.api.nvim_get_current_line()", timeout=10, what="normal mode"
+    )
     assert line == line_before[: -len(TYPED)] + target
     lines = nvim.lua("return vim.api.nvim_buf_get_lines(0, 0, -1, false)")
     assert lines[6] == line and lines[5].strip().startswith("message =") and lines[7].strip() == "print(message)"
@@ -173,11 +195,17 @@ def test_nvim_completion_as_you_type(nvim: Nvim):
 def test_nvim_restart_command(nvim: Nvim):
     first = nvim.wait(
         "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1];"
-        "return c and c.initialized and c.id or false", timeout=60, what="lsp_llm client")
+        "return c and c.initialized and c.id or false",
+        timeout=60,
+        what="lsp_llm client",
+    )
     nvim.send(":LspLlmRestart<CR>")
     second = nvim.wait(
         "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1];"
-        f"return c and c.initialized and c.id ~= {first} and c.id or false", timeout=60, what="a new lsp_llm client")
+        f"return c and c.initialized and c.id ~= {first} and c.id or false",
+        timeout=60,
+        what="a new lsp_llm client",
+    )
     assert second != first
     # Completion is enabled again for the buffer with the new client (LspAttach ran again).
     stats = nvim.lua("return (require('lsp_llm').stats(0, true))")

