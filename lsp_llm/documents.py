@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Protocol
 
-from .tokens import Piece, TokenMirror, Tokenize
+from .tokens import Piece, Tokenize, TokenMirror
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Document:
         # no tokens until a model is loaded (DocumentStore.set_vocab)
         self.mirror = TokenMirror(vocab.tokenize, vocab.piece, self.data) if vocab else None
         self.cursor = len(self.data)
+        self.stale = False  # a change could not be applied: text no longer trusted
 
     def _index_lines(self) -> None:
         self.line_starts = [0] + [m.end() for m in _LINE_BREAK.finditer(self.data)]
@@ -204,6 +205,13 @@ class DocumentStore:
             raise DocumentError(f"unknown document {uri} (not opened with didOpen)")
         return doc
 
+    def trusted(self, uri: str) -> Document:
+        """The document, if its text can be trusted for completion."""
+        doc = self.get(uri)
+        if doc.stale:
+            raise DocumentError(f"{uri} is out of sync after a bad change; reopen it or send its full text")
+        return doc
+
     def open(self, uri: str, text: str, version: int) -> None:
         if uri in self.docs:
             log.info("%s: opened again; replacing its text", uri)
@@ -220,12 +228,17 @@ class DocumentStore:
         for rng, text in changes:
             if rng is None:
                 doc.replace_all(text)
+                doc.stale = False  # a full text resyncs the mirror
                 continue
             sl, sc, el, ec = rng
-            start = doc.offset(sl, sc, encoding)
-            end = doc.offset(el, ec, encoding)
-            if end < start:
-                raise DocumentError(f"range end before start in change to {uri}")
+            try:
+                start = doc.offset(sl, sc, encoding)
+                end = doc.offset(el, ec, encoding)
+                if end < start:
+                    raise DocumentError(f"range end before start in change to {uri}")
+            except DocumentError:
+                doc.stale = True
+                raise
             doc.replace(start, end, text)
         doc.version = version
         if self.vocab is not None:

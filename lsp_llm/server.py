@@ -142,7 +142,7 @@ class Server(LanguageServer):
     async def complete(self, uri: str, pos: t.Position) -> tuple[Document, int, int, list[Candidate]]:
         if not await self.wait_ready():
             raise DocumentError("no model is loaded (see the earlier error)")
-        doc = self.store.get(uri)
+        doc = self.store.trusted(uri)
         offset = doc.offset(pos.line, pos.character, self.encoding)
         start = doc.word_start(offset)
         prompt, healed = doc.prompt(offset)
@@ -262,7 +262,13 @@ def build(settings: Settings) -> Server:
             else:
                 changes.append((None, c.text))
         doc = params.text_document
-        _guard(lambda: ls.store.change(doc.uri, doc.version, changes, ls.encoding))
+        try:
+            ls.store.change(doc.uri, doc.version, changes, ls.encoding)
+        except DocumentError as e:
+            if doc.uri in ls.store.docs:  # a bad change to an open document: the mirror is stale
+                ls.tell(t.MessageType.Warning, f"{e}; completions for this file pause until it is reopened")
+            else:
+                log.warning("%s", e)
 
     @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: Server, params: t.DidCloseTextDocumentParams) -> None:

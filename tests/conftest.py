@@ -12,11 +12,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import tiny_model  # noqa: E402
+
 from lsp_llm.calibrate import calibrate  # noqa: E402
 from lsp_llm.default_model import cache_dir, default_model_path  # noqa: E402
 from lsp_llm.model import Model  # noqa: E402
-
-import tiny_model  # noqa: E402
 
 THREADS = 2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsp_llm.calibrate import rule_holds, SAMPLE
+from lsp_llm.calibrate import SAMPLE, rule_holds
 from lsp_llm.model import Model
 from lsp_llm.session import Session
 

@@ -4,9 +4,9 @@ driven by pytest-lsp with the capabilities of real clients."""
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future
 import sys
 import sysconfig
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tiny_model
 from lsp_llm.model import BatchRule, Model
 from lsp_llm.session import Session, common_prefix
 

@@ -1,0 +1,118 @@
+"""The engine thread: LRU sessions, windows, coalesced background syncs,
+cancellation (tiny model, real engine)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lsp_llm.engine import Engine, window
+from lsp_llm.model import Model
+from lsp_llm.session import Cancelled, Session
+
+TEXT = b"def crab(x):\n    return x + 1\n\n" * 40
+
+
+@pytest.fixture
+def engine(tiny: Model):
+    e = Engine(max_sessions=2, n_ctx=1024, n_branches=4, headroom=16)
+    e.submit(lambda: e.set_model(tiny)).result()
+    yield e
+    e.stop()
+    assert not e.alive  # no orphan thread
+
+
+def wait_idle(e: Engine, timeout: float = 30) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if e.submit(lambda: not e._dirty).result():
+            return
+        time.sleep(0.01)
+    raise AssertionError("engine never went idle")
+
+
+def test_window_is_stable_while_typing() -> None:
+    target = list(range(1, 1001))
+    fitted, start = window(target, n_ctx=256, headroom=16, has_bos=True)
+    assert len(fitted) <= 240 and fitted[0] == 1 and fitted[-1] == 1000
+    # typing moves the window only once per stride (a quarter of the room)
+    starts = {window(target + [7] * extra, 256, 16, True)[1] for extra in range(120)}
+    assert len(starts) <= 3
+    assert window(target[:100], 256, 16, True) == (target[:100], 0)
+
+
+def test_background_sync_brings_the_session_up_to_date(engine: Engine, tiny: Model) -> None:
+    target = tiny.tokenize(TEXT, True)
+    engine.update("a", target, len(target))
+    wait_idle(engine)
+    s = engine.submit(lambda: engine.sessions["a"]).result()
+    assert s.tokens == target and s.logits is not None
+    st = engine.stats["a"]
+    assert st.cached == len(target) and st.fed_total == len(target)
+
+
+def test_bursts_are_coalesced(engine: Engine, tiny: Model) -> None:
+    base = tiny.tokenize(TEXT, True)
+    gate = threading.Event()
+    engine.submit(gate.wait)  # hold the engine busy while edits pile up
+    targets = [base + tiny.tokenize(b"x" * i, False) for i in range(1, 30)]
+    for tgt in targets:
+        engine.update("a", tgt, len(tgt))
+    gate.set()
+    wait_idle(engine)
+    # only the newest target was ever fed
+    assert engine.stats["a"].fed_total == len(targets[-1])
+    assert engine.stats["a"].syncs == 1
+
+
+def test_lru_eviction_and_return(engine: Engine, tiny: Model) -> None:
+    docs = {u: tiny.tokenize(TEXT[: 200 + 50 * i], True) for i, u in enumerate("abc")}
+    for u, tgt in docs.items():
+        engine.update(u, tgt, len(tgt))
+        wait_idle(engine)
+    assert list(engine.sessions) == ["b", "c"]  # max_sessions=2: "a" was evicted
+    assert engine.stats["a"].cached == 0
+    fed = engine.stats["a"].fed_total
+    s = engine.submit(lambda: engine.sync("a", docs["a"])).result()
+    assert s.tokens == docs["a"] and engine.stats["a"].fed_total == fed + len(docs["a"])
+    assert list(engine.sessions) == ["c", "a"]
+    # switching between live documents re-evaluates nothing
+    before = {u: engine.stats[u].fed_total for u in "ca"}
+    for u in "cacaca":
+        engine.submit(lambda u=u: engine.sync(u, docs[u])).result()
+    assert {u: engine.stats[u].fed_total for u in "ca"} == before
+
+
+def test_cancel_stops_between_decode_calls(engine: Engine, tiny: Model) -> None:
+    target = tiny.tokenize(TEXT * 3, True)[:500]
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(Cancelled):
+        engine.submit(lambda: engine.sync("a", target, stop)).result()
+    s = engine.sessions["a"]
+    assert 0 < len(s.tokens) < len(target)
+    # the session stays consistent: finishing later is exact
+    engine.submit(lambda: engine.sync("a", target)).result()
+    fresh = Session(tiny, 512, 1)
+    fresh.sync(target)
+    assert np.array_equal(s.logits, fresh.logits)
+    fresh.close()
+
+
+def test_stop_fails_pending_jobs(tiny: Model) -> None:
+    e = Engine(max_sessions=1, n_ctx=256, n_branches=2, headroom=8)
+    gate = threading.Event()
+    e.submit(gate.wait)
+    pending = e.submit(lambda: 1)
+    threading.Timer(0.1, gate.set).start()
+    e.stop()
+    assert not e.alive
+    with pytest.raises(Exception):
+        pending.result(timeout=5)
