@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .engine import DocStats, Engine
+from .session import Session
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word
 
@@ -85,7 +86,7 @@ def candidates(
     the best first tokens that start with the healed token's text."""
     if not prompt:
         return []
-    t0 = time.perf_counter()
+    t0, decode0 = time.perf_counter(), Session.decode_seconds
     session = engine.sync(uri, prompt, cancel.is_set)
     t1 = time.perf_counter()
     model = engine.model
@@ -123,5 +124,6 @@ def candidates(
     st.generated_total += generated
     st.feed_ms = (t1 - t0) * 1000
     st.generate_ms = (t2 - t1) * 1000
+    st.decode_ms = (Session.decode_seconds - decode0) * 1000
     st.last_ms = (time.perf_counter() - t0) * 1000
     return out

@@ -43,6 +43,7 @@ class DocStats:
     last_ms: float = 0.0  # the last completion, end to end on the engine
     feed_ms: float = 0.0  # ... of which bringing the session up to date
     generate_ms: float = 0.0  # ... of which extending the candidates
+    decode_ms: float = 0.0  # ... of which inside llama_decode (the rest is overhead)
     window_start: int = 0
 
     def as_dict(self) -> dict[str, Any]:

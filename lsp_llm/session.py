@@ -11,6 +11,7 @@ bit-identical to a fresh evaluation of the same tokens.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,14 +51,15 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 class Session:
     """One context, one document sequence (seq 0) plus branch sequences used
-    while extending completion candidates, and a scratch sequence for padding."""
+    while extending completion candidates."""
+
+    decode_seconds = 0.0  # time inside llama_decode, all sessions (engine thread only)
 
     def __init__(self, model: Model, n_ctx: int, n_branches: int) -> None:
         self.model = model
         self.n_ctx = n_ctx
         self.n_branches = n_branches
-        self.scratch_seq = n_branches + 1
-        self.ctx = model.new_context(n_ctx, n_branches + 2)
+        self.ctx = model.new_context(n_ctx, n_branches + 1)
         self.mem = llama.llama_get_memory(self.ctx)
         self.rows = model.n_ubatch
         self.batch = llama.llama_batch_init(self.rows, 0, 1)
@@ -162,7 +164,9 @@ class Session:
             self.logits = None
 
     def _decode(self, rows: int) -> None:
+        t = time.perf_counter()
         rc = llama.llama_decode(self.ctx, self.batch)
+        Session.decode_seconds += time.perf_counter() - t
         if rc != 0:
             # the cache may now be partly written: start over next time
             self.reset()
@@ -199,18 +203,18 @@ class Session:
             while active and step < steps:
                 if should_stop is not None and should_stop():
                     raise Cancelled()
-                rows = self.rule.padded(len(active))
+                # branch batches need no padding: they are a pure function of
+                # the (exact) document state, so the same text gives the same items
+                rows = len(active)
                 b = self.batch
-                for r in range(rows):
-                    i = active[r] if r < len(active) else active[-1]
+                for r, i in enumerate(active):
                     b.token[r] = branches[i][-1]
                     b.pos[r] = n + len(branches[i]) - 1
                     b.n_seq_id[r] = 1
-                    b.seq_id[r][0] = i + 1 if r < len(active) else self.scratch_seq
-                    b.logits[r] = r < len(active)
+                    b.seq_id[r][0] = i + 1
+                    b.logits[r] = True
                 b.n_tokens = rows
                 self._decode(rows)
-                llama.llama_memory_seq_rm(self.mem, self.scratch_seq, -1, -1)
                 generated += len(active)
                 still = []
                 for r, i in enumerate(active):
@@ -224,5 +228,4 @@ class Session:
         finally:
             for i in range(k):
                 llama.llama_memory_seq_rm(self.mem, i + 1, -1, -1)
-            llama.llama_memory_seq_rm(self.mem, self.scratch_seq, -1, -1)
         return branches, generated

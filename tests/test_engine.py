@@ -114,5 +114,5 @@ def test_stop_fails_pending_jobs(tiny: Model) -> None:
     threading.Timer(0.1, gate.set).start()
     e.stop()
     assert not e.alive
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):
         pending.result(timeout=5)
