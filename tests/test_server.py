@@ -196,3 +196,74 @@ async def test_long_reads_report_progress(client: LanguageClient) -> None:
     reports = [r for rs in client.progress_reports.values() for r in rs]
     assert any(isinstance(r, t.WorkDoneProgressBegin) and "reading" in r.title for r in reports)
     assert any(isinstance(r, t.WorkDoneProgressEnd) for r in reports)
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
+async def utf8_client(lsp_client: LanguageClient):
+    caps = client_capabilities("neovim")
+    caps.general = t.GeneralClientCapabilities(
+        position_encodings=[t.PositionEncodingKind.Utf16, t.PositionEncodingKind.Utf8])
+    result = await lsp_client.initialize_session(t.InitializeParams(capabilities=caps))
+    lsp_client.init_result = result  # type: ignore[attr-defined]
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_utf8_positions_when_the_client_offers_them(utf8_client: LanguageClient) -> None:
+    client = utf8_client
+    assert client.init_result.capabilities.position_encoding == t.PositionEncodingKind.Utf8
+    uri = "file:///tmp/utf8.py"
+    opened(client, uri, "s = 'é🦀'\n" + PREFIX)
+    # "s = 'é🦀'" is 11 bytes: a UTF-8 column past the crab
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=2),
+        content_changes=[t.TextDocumentContentChangePartial(
+            range=t.Range(t.Position(0, 11), t.Position(0, 11)), text="'")]))
+    typed(client, uri, 5, 4, "pri", version=3)
+    res = await complete(client, uri, 5, 7)
+    assert "print" in [it.label for it in res.items]
+
+
+async def test_shutdown_and_exit_end_the_process() -> None:
+    proc = await asyncio.create_subprocess_exec(*SERVER, stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+
+    def send(msg: str) -> None:
+        data = msg.encode()
+        proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(data) + data)
+
+    send('{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"capabilities":{}}}')
+    send('{"jsonrpc":"2.0","method":"initialized","params":{}}')
+    send('{"jsonrpc":"2.0","id":2,"method":"shutdown"}')
+    send('{"jsonrpc":"2.0","id":3,"method":"textDocument/hover","params":{}}')
+    send('{"jsonrpc":"2.0","method":"exit"}')
+    await proc.stdin.drain()
+    out = await asyncio.wait_for(proc.stdout.read(), 30)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert b'"id": 2' in out or b'"id":2' in out
+    assert b'"id": 3' in out or b'"id":3' in out  # a request after shutdown is answered with an error
+
+
+async def test_serves_over_tcp(unused_tcp_port: int) -> None:
+    proc = await asyncio.create_subprocess_exec(*SERVER, "--tcp", "--port", str(unused_tcp_port),
+                                                stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", unused_tcp_port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the server never listened")
+        body = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"capabilities":{}}}'
+        writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        header = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        length = int(header.split(b":")[1].split(b"\r\n")[0])
+        reply = await reader.readexactly(length)
+        assert b'"completionProvider"' in reply
+        writer.close()
+    finally:
+        proc.kill()
+        await proc.wait()
