@@ -129,14 +129,14 @@ def test_bench_smoke_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) ->
     out = tmp_path / "bench"
     rc = bench_main([
         "--model", str(tiny_model_path), "--engines", "lsp-llm,naive,floor", "--out", str(out),
-        "--doc-tokens", "300", "--keystrokes", "16", "--sizes", "200,400", "--sweep-keystrokes", "6",
+        "--doc-tokens", "300", "--keystrokes", "12", "--sizes", "300", "--sweep-keystrokes", "6",
         "--naive-samples", "2", "--n-ctx", "1024", "--timeout", "240",
     ])
     results = json.loads((out / "results.json").read_text())
     bad = [(r["engine"], r["trace"], r.get("reason")) for r in results["runs"] if r["status"] != "ok"]
     assert rc == 0 and not bad, bad
     assert {(r["engine"], r["trace"]) for r in results["runs"]} == {
-        (e, t) for e in ("lsp-llm", "naive", "floor") for t in ("3 files", "200 tokens", "400 tokens")
+        (e, t) for e in ("lsp-llm", "naive", "floor") for t in ("3 files", "300 tokens")
     }
     for r in results["runs"]:
         want = 2 if r["engine"] == "naive" else r["of_keys"]
@@ -147,7 +147,9 @@ def test_bench_smoke_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) ->
     assert all(k["items"] is not None and k["generate_ms"] is not None for k in ours["keys"])
     md = (out / "report.md").read_text()
     assert "| lsp-llm |" in md and "**Targets**" in md and "llama-server" in md
-    assert {t["target"][:10] for t in results["targets"]} >= {"p50 <= 1.5", ">= 30x fa"}
+    names = [t["target"] for t in results["targets"]]
+    assert any(n.startswith("p50 <= 1.5x floor") for n in names)
+    assert any(n.startswith(">= 30x faster than naive") for n in names)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--model/--n-ctx/--threads/--max-sessions are appended")
     p.add_argument("--profile", choices=["py-spy", "pyinstrument"],
                    help="profile the lsp-llm server while it runs the traces (files in --out)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per engine and trace")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per engine and trace")
     p.add_argument("--readme", type=Path, help="also write the table and plot into this README, between "
                    f"{report.START} and {report.END}")
     p.add_argument("--strict", action="store_true", help="exit 3 when a measured target is missed")
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "traces").mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
-    vocab = RawModel(str(model_path), args.threads, vocab_only=True)
+    vocab = RawModel(str(model_path), args.threads)  # mmap'd; for token counts and the description
     model_info = {"path": str(model_path), "name": model_path.name, "description": vocab.description,
                   "size_mb": model_path.stat().st_size / 2**20}
     files = [Path(f) for f in args.files] if args.files else traces.default_sources()

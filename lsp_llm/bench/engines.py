@@ -463,7 +463,8 @@ class LlamaServerEngine(Engine):
                 self.flags.append("-nr")
         cmd += self.flags
         self.cmd = cmd
-        log_path = Path(self.s.out_dir) / f"llama-server-{os.getpid()}.log"
+        log_path = Path(self.s.out_dir) / "runs" / f"llama-server-{os.getpid()}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.s.timeout_s
@@ -541,13 +542,15 @@ class LspLlmEngine(Engine):
         if self.s.profile:
             cmd, self.profile_out = _profiled(cmd, self.s.profile, Path(self.s.out_dir), trace.name)
         self.cmd = cmd
-        self.stderr_path = Path(self.s.out_dir) / f"lsp-llm-server-{os.getpid()}.log"
+        self.stderr_path = Path(self.s.out_dir) / "runs" / f"lsp-llm-server-{os.getpid()}.log"
+        self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
         self.client = LspClient.spawn(cmd, stderr_path=self.stderr_path)
         try:
             self.client.initialize(timeout=self.s.timeout_s)
         except Exception as e:
             raise EngineUnavailable(f"lsp-llm server did not initialize: {e} (log {self.stderr_path})") from None
         self.generated = {}
+        self.fed = {}
         for d, text in zip(trace.docs, warm):
             self.client.did_open(d.uri, d.text)
         for d, text in zip(trace.docs, warm):
@@ -558,6 +561,7 @@ class LspLlmEngine(Engine):
                                    timeout=self.s.timeout_s)
             st = self._stats(d.uri)
             self.generated[d.uri] = st.get("generated_total", 0)
+            self.fed[d.uri] = st.get("fed_total", 0)
 
     @property
     def work_pid(self):
@@ -584,11 +588,14 @@ class LspLlmEngine(Engine):
         gen = st.get("generated_total", 0)
         generated = gen - self.generated.get(uri, 0)
         self.generated[uri] = gen
+        # fed_total also counts what the server fed in the background after didChange
+        fed = st.get("fed_total", 0) - self.fed.get(uri, 0)
+        self.fed[uri] = st.get("fed_total", 0)
         items = result.get("items", []) if isinstance(result, dict) else (result or [])
         return {
             "latency_s": dt,
-            "tokens": int(st.get("fed_last", 0)) + int(generated),
-            "fed": st.get("fed_last"),
+            "tokens": int(fed) + int(generated),
+            "fed": fed,
             "generated": generated,
             "reused": st.get("reused_last"),
             "feed_ms": st.get("feed_ms"),

@@ -56,6 +56,8 @@ def summarize(run: dict) -> dict:
         s["server_ms_p50"] = pct(_ms(keys, "server_ms"), 50)
         overhead = [k["latency_s"] * 1000 - k["server_ms"] for k in keys if k.get("server_ms") is not None]
         s["overhead_ms_p50"] = pct(overhead, 50)
+        ready = [k["latency_s"] * 1000 - k["generate_ms"] for k in keys if k.get("generate_ms") is not None]
+        s["ready_ms_p50"] = pct(ready, 50)  # keystroke -> candidates' first tokens ready
         s["fed_p50"] = pct(_ms(keys, "fed"), 50)
         s["generated_p50"] = pct(_ms(keys, "generated"), 50)
         s["empty_answers"] = sum(1 for k in keys if not k.get("items"))
@@ -105,9 +107,9 @@ def evaluate_targets(results: dict) -> list[dict]:
             "p50 <= 1.5x floor + word extension",
             so["p50_ms"] <= bound,
             f"ours p50 {so['p50_ms']:.1f} ms vs bound p50 {bound:.1f} ms (floor p50 {sf['p50_ms']:.1f} ms, "
-            f"extension from {ext_src}); ours split: feed p50 {so.get('feed_ms_p50', float('nan')):.1f} ms, "
-            f"word extension p50 {so.get('generate_ms_p50', float('nan')):.1f} ms, "
-            f"outside the engine p50 {so.get('overhead_ms_p50', float('nan')):.1f} ms",
+            f"extension from {ext_src}); ours split (p50): everything but the extension "
+            f"{so.get('ready_ms_p50', float('nan')):.1f} ms vs 1.5x floor {1.5 * sf['p50_ms']:.1f} ms, "
+            f"word extension {so.get('generate_ms_p50', float('nan')):.1f} ms",
         )
     # 2. >= 30x naive at 2000, growing
     ratios = []
@@ -214,9 +216,11 @@ def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
                 f"| {_f(s['peak_rss_mb'], 0)} | {ratio} |")
         if ours and "feed_ms_p50" in ours:
             fl = _get(S, "floor", t["name"])
-            lines += ["", f"lsp-llm split (p50): feed {_f(ours['feed_ms_p50'])} ms, word extension "
-                      f"{_f(ours['generate_ms_p50'])} ms, outside the engine (JSON-RPC, edit, tokenize) "
-                      f"{_f(ours['overhead_ms_p50'])} ms; fed {_f(ours['fed_p50'], 0)} tokens, generated "
+            lines += ["", f"lsp-llm split (p50): keystroke to first-token logits (edit, tokenize, feed, "
+                      f"JSON-RPC) {_f(ours['ready_ms_p50'])} ms, word extension {_f(ours['generate_ms_p50'])} ms "
+                      f"(server-side: feed in the request {_f(ours['feed_ms_p50'])} ms, request total "
+                      f"{_f(ours['server_ms_p50'])} ms, outside it {_f(ours['overhead_ms_p50'])} ms); "
+                      f"fed {_f(ours['fed_p50'], 0)} tokens, generated "
                       f"{_f(ours['generated_p50'], 0)}; empty answers {ours['empty_answers']}"
                       + (f"; ours/floor p50 {ours['p50_ms'] / fl['p50_ms']:.1f}x" if fl else "") + "."]
         lines.append("")

@@ -198,7 +198,7 @@ class Spot:
     region: int  # first line of the region (before the hole)
 
 
-def find_spot(lines: Sequence[str], min_line: int, chars_needed: int, region_back: int = 60) -> Spot:
+def find_spot(lines: Sequence[str], min_line: int, chars_needed: int, region_back: int = 20) -> Spot:
     """A hole of real code at or after min_line: starts inside a function body,
     holds at least chars_needed characters, and has functions around it."""
     n = len(lines)

@@ -51,7 +51,12 @@ def run_job(job: dict) -> dict:
     try:
         engine.open(trace, warm)
     except EngineUnavailable as e:
+        _close_quietly(engine)
         return {**result, "status": "unavailable", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - a broken engine is a result too
+        _close_quietly(engine)
+        return {**result, "status": "error", "reason": f"while opening: {type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
     result["open_s"] = time.perf_counter() - t_open
     pids = _tree(engine.work_pid)
     cpu0 = sum(cpu_seconds(p) for p in pids)
@@ -86,6 +91,14 @@ def run_job(job: dict) -> dict:
     result["info"] = engine.info()
     result["settings"] = asdict(settings)
     return result
+
+
+def _close_quietly(engine) -> None:
+    for name in ("close", "finish"):
+        try:
+            getattr(engine, name, lambda: None)()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def main(argv: list[str]) -> int:
