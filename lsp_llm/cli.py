@@ -25,6 +25,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=Settings.threads, help="llama.cpp threads")
     p.add_argument("--max-sessions", type=int, default=Settings.max_sessions,
                    help="documents kept live in llama.cpp contexts (LRU)")
+    p.add_argument("--stdio", action="store_true", help="serve over stdio (the default; accepted for clients)")
     p.add_argument("--tcp", action="store_true", help="serve over TCP instead of stdio")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=2087)

@@ -34,17 +34,21 @@ def _is_ident(b: int) -> bool:
 
 def word_end(text: bytes, mid_word: bool) -> int | None:
     """Where a candidate's word ends. Inside a word: at the first byte that
-    cannot be part of an identifier. Otherwise: after the first run of
-    identifier bytes (leading spaces or punctuation included). Always at a
-    line break."""
-    seen = mid_word
-    for i, b in enumerate(text):
-        if b in (0x0A, 0x0D):
+    cannot be part of an identifier. Otherwise: after leading spaces, one
+    identifier, or one run of punctuation (``(``, ``):``). Always at a line
+    break."""
+    i = 0
+    if not mid_word:
+        while i < len(text) and text[i] in (0x20, 0x09):
+            i += 1
+        if i < len(text) and not _is_ident(text[i]) and text[i] not in (0x0A, 0x0D):
+            while i < len(text) and not _is_ident(text[i]) and text[i] not in (0x20, 0x09, 0x0A, 0x0D):
+                i += 1
+            return i if i < len(text) else None
+    while i < len(text):
+        if not _is_ident(text[i]):
             return i
-        if _is_ident(b):
-            seen = True
-        elif seen:
-            return i
+        i += 1
     return None
 
 
@@ -105,21 +109,21 @@ def candidates(
     branches, generated = session.extend(firsts, done, max(line_tokens, WORD_TOKENS), cancel.is_set)
     t2 = time.perf_counter()
     out: list[Candidate] = []
-    seen: set[str] = set()
+    seen: set[str] = set()  # items are distinct by what they show
+
+    def add(text: str, p: float, whole_line: bool = False) -> None:
+        if text.strip() and text.strip() not in seen:
+            seen.add(text.strip())
+            out.append(Candidate(text, p, whole_line))
+
     for i, toks in enumerate(branches):
         rest = b"".join(model.piece(t) for t in toks if not model.is_eog(t))[skip:]
         p = p_first[toks[0]]
-        cut = word_end(rest, mid_word)
-        word = _decode(rest[:cut] if cut is not None else rest)
-        if (word.strip() or mid_word) and word not in seen:
-            seen.add(word)
-            out.append(Candidate(word, p))
         if i == 0:
             cut = line_end(rest)
-            line = _decode(rest[:cut] if cut is not None else rest).rstrip()
-            if line.strip() and line not in seen:
-                seen.add(line)
-                out.insert(0, Candidate(line, p, whole_line=True))
+            add(_decode(rest[:cut] if cut is not None else rest).rstrip(), p, whole_line=True)
+        cut = word_end(rest, mid_word)
+        add(_decode(rest[:cut] if cut is not None else rest), p)
     st = engine.stats.setdefault(uri, DocStats())
     st.generated_total += generated
     st.feed_ms = (t1 - t0) * 1000

@@ -78,8 +78,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"model ready and file read in {(time.perf_counter() - t0):.2f}s; "
               f"cold completion {cold_ms:.0f} ms ({info['tokens']} tokens before the cursor, "
               f"fed {info['fed_last']})")
-        print(f"{'key':>5} {'ms':>7} {'reused':>7} {'fed':>4}  completions")
-        times = []
+        print(f"{'key':>5} {'ms':>7} {'decode':>7} {'reused':>7} {'fed':>4}  completions")
+        times, overheads = [], []
         version = 1
         for i, ch in enumerate(typed):
             version += 1
@@ -92,12 +92,16 @@ async def run(args: argparse.Namespace) -> int:
             st = await client.workspace_execute_command_async(
                 t.ExecuteCommandParams(command="lsp-llm.stats", arguments=[uri]))
             times.append(ms)
+            overheads.append(ms - st["decode_ms"])
             shown = ", ".join(repr(it.label) for it in items[:4])
-            print(f"{ch!r:>5} {ms:7.1f} {st['reused_last']:7d} {st['fed_last']:4d}  {shown}")
+            print(f"{ch!r:>5} {ms:7.1f} {st['decode_ms']:7.1f} {st['reused_last']:7d} {st['fed_last']:4d}  {shown}")
         if times:
             p50 = statistics.median(times)
+            over = statistics.median(overheads)
             print(f"\nkeystrokes: {len(times)}; completion latency p50 {p50:.1f} ms, max {max(times):.1f} ms; "
-                  f"cold {cold_ms:.0f} ms ({cold_ms / p50:.0f}x the p50)")
+                  f"cold {cold_ms:.0f} ms ({cold_ms / p50:.0f}x the p50)\n"
+                  f"server overhead (latency minus llama.cpp decode) p50 {over:.1f} ms "
+                  f"({100 * over / (p50 - over):.0f}% of the decode)")
         await client.shutdown_async(None)
         client.exit(None)
     finally:

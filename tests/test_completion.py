@@ -1,0 +1,70 @@
+"""Completion candidates: whole words, healing, determinism (tiny model for
+the engine parts; the word rules are pure)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from lsp_llm.completion import candidates, line_end, top_tokens, word_end
+from lsp_llm.documents import Document, Vocab
+from lsp_llm.engine import Engine
+from lsp_llm.model import Model
+
+
+@pytest.mark.parametrize(("text", "mid", "end"), [
+    (b"nt(x)", True, 2),  # pri|nt( -> print
+    (b"(x)", True, 0),  # the word is complete
+    (b" self.x", False, 5),  # a space, then one identifier
+    (b"(self", False, 1),  # one run of punctuation
+    (b"):\n    ", False, 2),
+    (b"abc", True, None),  # not finished yet
+    (b"ab\ncd", True, 2),
+])
+def test_word_end(text: bytes, mid: bool, end: int | None) -> None:
+    assert word_end(text, mid) == end
+
+
+def test_line_end() -> None:
+    assert line_end(b"x = 1\ny") == 5 and line_end(b"x = 1") is None
+
+
+def test_top_tokens_renormalize_over_the_allowed_set() -> None:
+    logits = np.array([0.0, 3.0, 1.0, 2.0], dtype=np.float32)
+    ids, p = top_tokens(logits, 2, None)
+    assert list(ids) == [1, 3] and p[0] > p[1]
+    ids, p = top_tokens(logits, 5, np.array([0, 2]))
+    assert list(ids) == [2, 0] and abs(p.sum() - 1.0) < 1e-9
+
+
+@pytest.fixture
+def engine(tiny: Model):
+    e = Engine(max_sessions=2, n_ctx=1024, n_branches=8, headroom=40)
+    e.submit(lambda: e.set_model(tiny)).result()
+    yield e
+    e.stop()
+
+
+def complete(engine: Engine, tiny: Model, text: str) -> list:
+    vocab = Vocab(lambda b: tiny.tokenize(b, add_bos=False), tiny.piece, tiny.bos)
+    doc = Document("u", text, 1, vocab)
+    prompt, healed = doc.prompt()
+    mid = doc.word_start(len(doc.data)) < len(doc.data)
+    return engine.submit(lambda: candidates(engine, "u", prompt, healed, mid, 5, 16, threading.Event())).result()
+
+
+def test_items_extend_the_typed_word_and_are_deterministic(engine: Engine, tiny: Model) -> None:
+    text = "def crab(x):\n    return x + 1\n\nprint(cra"
+    first = complete(engine, tiny, text)
+    assert first and all(c.probability > 0 for c in first)
+    healed = tiny.piece(tiny.tokenize(text.encode(), False)[-1]).decode()
+    typed = healed.lstrip()
+    # every item's text continues what the healed token covered
+    assert len({c.text.strip() for c in first}) == len(first)  # no duplicates
+    # the session holds the prompt only, and the branches are gone
+    s = engine.sessions["u"]
+    assert s.tokens == tiny.tokenize(text.encode(), True)[:-1]
+    assert complete(engine, tiny, text) == first  # same text, same items
+    assert typed  # the last token carried text to heal
