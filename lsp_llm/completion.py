@@ -80,21 +80,21 @@ def candidates(
     engine: Engine,
     uri: str,
     prompt: list[int],
-    healed: int | None,
+    healed: bytes,
     mid_word: bool,
     items: int,
     line_tokens: int,
     cancel: threading.Event,
 ) -> list[Candidate]:
     """Engine thread: sync the document's session to the prompt, then extend
-    the best first tokens that start with the healed token's text."""
+    the best first tokens that start with the healed text."""
     if not prompt:
         return []
     t0, decode0 = time.perf_counter(), Session.decode_seconds
     session = engine.sync(uri, prompt, cancel.is_set)
     t1 = time.perf_counter()
     model = engine.model
-    typed = model.piece(healed) if healed is not None else b""
+    typed = healed
     allowed = model.tokens_starting_with(typed) if typed else None
     ids, probs = top_tokens(session.logits, min(items + 4, engine.n_branches), allowed)
     keep = [i for i, t in enumerate(ids) if not model.is_eog(int(t))][:items]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _IDENT = re.compile(rb"[A-Za-z0-9_\x80-\xff]*\Z")
+HEAL_TOKENS = 4
 
 
 class DocumentError(ValueError):
@@ -30,6 +32,7 @@ class Vocab:
     tokenize: Tokenize  # bytes -> ids, without BOS
     piece: Piece
     bos: int | None  # prepended to every target, if the model wants one
+    has_prefix: Callable[[bytes], bool] = lambda _: True  # does some token start with these bytes?
 
 
 class Sink(Protocol):
@@ -140,17 +143,27 @@ class Document:
         ids = self.mirror.prefix(self.data, pos)
         return ([self.vocab.bos] if self.vocab.bos is not None else []) + ids
 
-    def prompt(self, offset: int | None = None) -> tuple[list[int], int | None]:
+    def prompt(self, offset: int | None = None) -> tuple[list[int], bytes]:
         """What the session holds to complete at offset: the target less its
-        last token, which completion regenerates under the constraint that
-        it starts with that token's text (token healing: after ``pri`` the
-        model may pick ``print`` rather than continue an odd ``pri`` token).
-        Returns the prompt and the healed token (None if nothing to heal)."""
+        last tokens, which completion regenerates under the constraint that
+        the first new token starts with their text (token healing: after
+        ``retu`` the model may pick ``return`` rather than continue odd
+        fragments). The last token is always healed; up to HEAL_TOKENS more
+        while they lie inside the word being typed and some token starts with
+        their joint text. Returns the prompt and the healed text."""
         target = self.target(offset)
-        first = 1 if self.vocab is not None and self.vocab.bos is not None else 0
-        if len(target) > first:
-            return target[:-1], target[-1]
-        return target, None
+        vocab = self.vocab
+        assert vocab is not None
+        first = 1 if vocab.bos is not None else 0
+        if len(target) <= first:
+            return target, b""
+        j, text = 1, vocab.piece(target[-1])
+        while j < HEAL_TOKENS and len(target) - j > first:
+            more = vocab.piece(target[-j - 1]) + text
+            if not _IDENT.fullmatch(more.lstrip(b" ")) or not vocab.has_prefix(more):
+                break
+            j, text = j + 1, more
+        return target[:-j], text
 
     @property
     def n_tokens(self) -> int:

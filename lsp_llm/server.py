@@ -119,7 +119,8 @@ class Server(LanguageServer):
                 return False
         self.model_name = model.name
         self.store.set_vocab(Vocab(lambda b: model.tokenize(b, add_bos=False), model.piece,
-                                   model.bos if model.add_bos else None))
+                                   model.bos if model.add_bos else None,
+                                   lambda b: len(model.tokens_starting_with(b)) > 0))
         log.info("model %s ready (%s); batch rule %s", model.name, model.description, model.batch_rule)
         return True
 
