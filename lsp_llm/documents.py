@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -96,21 +97,14 @@ class Document:
         units = _units(text, encoding)
         if character >= units[-1]:
             return start + len(content)
-        # code point index whose start is <= character
-        lo, hi = 0, len(text)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if units[mid] <= character:
-                lo = mid
-            else:
-                hi = mid - 1
+        lo = bisect_right(units, character) - 1  # the code point that starts at or before it
         if units[lo] != character:
             log.warning("%s: position (%d, %d) splits a character; using its start", self.uri, line, character)
         return start + len(_encode(text[:lo]))
 
     def position(self, offset: int, encoding: str) -> tuple[int, int]:
         offset = max(0, min(offset, len(self.data)))
-        line = _bisect_right(self.line_starts, offset) - 1
+        line = bisect_right(self.line_starts, offset) - 1
         start = self.line_starts[line]
         prefix = self.data[start:offset]
         if encoding == Encoding.UTF8:
@@ -183,17 +177,6 @@ class Document:
 def _encode(text: str) -> bytes:
     # lone surrogates (possible in JSON strings) must not crash the mirror
     return text.encode("utf-8", "surrogatepass")
-
-
-def _bisect_right(a: list[int], x: int) -> int:
-    lo, hi = 0, len(a)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if x < a[mid]:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
 
 
 class DocumentStore:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -253,8 +252,3 @@ class Engine:
             for uri in self._targets:
                 self._dirty[uri] = None
 
-
-def timed(fn: Callable[[], T]) -> tuple[T, float]:
-    t = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - t) * 1000
