@@ -27,8 +27,8 @@ from pathlib import Path
 from . import report, traces
 from .engines import ENGINES, RawModel, Settings, find_llama_server
 
-QUICK = {"doc_tokens": 1000, "keystrokes": 60, "sizes": [500, 2000, 4000], "sweep_keystrokes": 20,
-         "naive_samples": 3, "n_ctx": 4608}
+QUICK = {"doc_tokens": 500, "keystrokes": 50, "sizes": [500, 2000], "sweep_keystrokes": 15,
+         "naive_samples": 2, "n_ctx": 3072}
 FULL = {"doc_tokens": 2000, "keystrokes": 300, "sizes": [500, 2000, 4000, 8000], "sweep_keystrokes": 60,
         "naive_samples": 8, "n_ctx": 10240}
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(ENGINES)} (default: all)")
     p.add_argument("--quick", action="store_true", help="a small run that finishes in under 3 minutes on 2 cores")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--n-ctx", type=int, help="context size for every engine (default 10240; quick 4608)")
+    p.add_argument("--n-ctx", type=int, help="context size for every engine (default 10240; quick 3072; raised to fit the largest document)")
     p.add_argument("--doc-tokens", type=int, help="tokens before the cursor in each file of the 3-file trace")
     p.add_argument("--keystrokes", type=int, help="keystrokes in the 3-file trace")
     p.add_argument("--sizes", help="comma-separated document sizes (tokens) for the sweep; 'none' to skip")
@@ -162,6 +162,12 @@ def run(args: argparse.Namespace) -> int:
         big = max(files, key=lambda f: f.stat().st_size)
         all_traces += traces.size_sweep_traces(big, cfg["sizes"], cfg["sweep_keystrokes"], args.seed,
                                                count=vocab.count)
+    # every engine must hold the largest document whole, plus what is typed into it
+    needed = max(vocab.count(d.text) + len(t.keys) for t in all_traces for d in t.docs) + 256
+    if args.n_ctx is None and needed > cfg["n_ctx"]:
+        cfg["n_ctx"] = -(-needed // 512) * 512
+    elif needed > cfg["n_ctx"]:
+        _log(f"lsp-llm bench: warning: --n-ctx {cfg['n_ctx']} is smaller than the largest document ({needed} tokens)")
     vocab.close()
     trace_files = []
     for t in all_traces:
@@ -251,24 +257,44 @@ def _run_worker(job: dict, out: Path, timeout: float) -> dict:
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
+            _kill_group(proc)
             return {**base, "status": "error", "reason": f"timed out after {timeout:.0f} s (log {log_path})"}
+        except BaseException:  # interrupted: take the worker and its servers down too
+            _kill_group(proc)
+            raise
     if not res_path.exists():
         return {**base, "status": "error",
                 "reason": f"worker exited with {proc.returncode} and no result (log {log_path})"}
     return json.loads(res_path.read_text())
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread
+        pass
     try:
         return run(args)
     except KeyboardInterrupt:
+        _log("lsp-llm bench: interrupted")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -409,7 +409,10 @@ def generate(
         return max(1, int(rng.expovariate(1.0 / mean))) if mean > 0 else 1 << 30
 
     cur = 0
-    next_switch = gap(cfg.switch_every) if len(states) > 1 else 1 << 30
+    def switch_gap() -> int:
+        return max(5, int(rng.gauss(cfg.switch_every, cfg.switch_every / 4)))
+
+    next_switch = switch_gap() if len(states) > 1 and cfg.switch_every > 0 else 1 << 30
     next_above = gap(cfg.open_above_every)
     next_jump = gap(cfg.jump_every)
     n = 0
@@ -420,7 +423,7 @@ def generate(
             if choices:
                 cur = rng.choice(choices)
                 st = states[cur]
-            next_switch = n + max(5, int(rng.gauss(cfg.switch_every, cfg.switch_every / 4)))
+            next_switch = n + switch_gap()
         if st.detour_pos is not None:
             b.step_detour(st)
         elif st.typo_tail or st.typo_extra:
