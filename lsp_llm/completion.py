@@ -101,12 +101,16 @@ def candidates(
     firsts = [int(ids[i]) for i in keep]
     p_first = {int(ids[i]): float(probs[i]) for i in keep}
     skip = len(typed)  # the healed text is already in the document
+    lines = line_tokens > 0  # the most likely candidate goes on to the end of the line
 
     def done(i: int, text: bytes) -> bool:
         rest = text[skip:]
-        return (line_end(rest) if i == 0 else word_end(rest, mid_word)) is not None
+        return (line_end(rest) if i == 0 and lines else word_end(rest, mid_word)) is not None
 
-    branches, generated = session.extend(firsts, done, max(line_tokens, WORD_TOKENS), cancel.is_set)
+    limits = [WORD_TOKENS] * len(firsts)
+    if lines and limits:
+        limits[0] = max(line_tokens, WORD_TOKENS)
+    branches, generated = session.extend(firsts, done, limits, cancel.is_set)
     t2 = time.perf_counter()
     out: list[Candidate] = []
     seen: set[str] = set()  # items are distinct by what they show
@@ -119,7 +123,7 @@ def candidates(
     for i, toks in enumerate(branches):
         rest = b"".join(model.piece(t) for t in toks if not model.is_eog(t))[skip:]
         p = p_first[toks[0]]
-        if i == 0:
+        if i == 0 and lines:
             cut = line_end(rest)
             add(_decode(rest[:cut] if cut is not None else rest).rstrip(), p, whole_line=True)
         cut = word_end(rest, mid_word)

@@ -25,7 +25,7 @@ class Settings:
     threads: int = _default_threads()
     max_sessions: int = 4  # live llama.cpp contexts (LRU)
     items: int = 5  # word items per completion
-    line_tokens: int = 24  # max tokens of the to-end-of-line item
+    line_tokens: int = 12  # max tokens of the to-end-of-line item
     log_level: str = "info"
 
     # settings that need a new model or new contexts when they change

@@ -177,12 +177,12 @@ class Session:
         self,
         firsts: Sequence[int],
         done: Callable[[int, bytes], bool],
-        max_tokens: int,
+        max_tokens: Sequence[int],
         should_stop: ShouldStop | None = None,
     ) -> tuple[list[list[int]], int]:
         """Greedily extend each first token in its own branch sequence, all
-        branches in one batch per step, until ``done(i, text)`` or a branch
-        has max_tokens tokens.
+        branches in one batch per step, until ``done(i, text)`` or branch i
+        has max_tokens[i] tokens.
 
         Prompt lookup: where the last two tokens of a branch occurred earlier
         in the document, the tokens that followed are fed as a draft in the
@@ -197,10 +197,11 @@ class Session:
         if k > self.n_branches:
             raise ValueError(f"at most {self.n_branches} branches")
         n = len(self.tokens)
-        max_tokens = min(max_tokens, self.n_ctx - n - 1)
+        limit = [min(m, self.n_ctx - n - 1) for m in max_tokens]
         branches = [[t] for t in firsts]
         texts = [self.model.piece(t) for t in firsts]
-        active = [i for i in range(k) if not self.model.is_eog(firsts[i]) and not done(i, texts[i])]
+        active = [i for i in range(k)
+                  if not self.model.is_eog(firsts[i]) and not done(i, texts[i]) and limit[i] > 1]
         lookup = self._bigrams()
         decoded = 0
         for i in active:
@@ -216,7 +217,7 @@ class Session:
                 fed: list[tuple[int, int, list[int]]] = []  # branch, first row, draft
                 for i in active:
                     path = branches[i]
-                    room = min(self.rows - rows - (len(active) - len(fed)), max_tokens - len(path))
+                    room = min(self.rows - rows - (len(active) - len(fed)), limit[i] - len(path))
                     draft = self._draft(lookup, path, max(0, room))
                     fed.append((i, rows, draft))
                     for j, tok in enumerate([path[-1], *draft]):
@@ -237,7 +238,7 @@ class Session:
                         tok = int(np.argmax(logits_view(self.ctx, row + j, self.model.n_vocab)))
                         path.append(tok)
                         texts[i] += self.model.piece(tok)
-                        going = not self.model.is_eog(tok) and not done(i, texts[i]) and len(path) < max_tokens
+                        going = not self.model.is_eog(tok) and not done(i, texts[i]) and len(path) < limit[i]
                         if not going or j == len(draft) or draft[j] != tok:
                             break
                     if draft:  # forget the draft tokens that were not kept

@@ -47,12 +47,13 @@ def engine(tiny: Model):
     e.stop()
 
 
-def complete(engine: Engine, tiny: Model, text: str) -> list:
+def complete(engine: Engine, tiny: Model, text: str, line_tokens: int = 16) -> list:
     vocab = Vocab(lambda b: tiny.tokenize(b, add_bos=False), tiny.piece, tiny.bos)
     doc = Document("u", text, 1, vocab)
     prompt, healed = doc.prompt()
     mid = doc.word_start(len(doc.data)) < len(doc.data)
-    return engine.submit(lambda: candidates(engine, "u", prompt, healed, mid, 5, 16, threading.Event())).result()
+    return engine.submit(lambda: candidates(engine, "u", prompt, healed, mid, 5, line_tokens,
+                                                    threading.Event())).result()
 
 
 def test_items_extend_the_typed_word_and_are_deterministic(engine: Engine, tiny: Model) -> None:
@@ -65,3 +66,8 @@ def test_items_extend_the_typed_word_and_are_deterministic(engine: Engine, tiny:
     target = tiny.tokenize(text.encode(), True)
     assert s.tokens == target[: len(s.tokens)] and len(s.tokens) < len(target)
     assert complete(engine, tiny, text) == first  # same text, same items
+
+
+def test_line_tokens_zero_means_no_line_item(engine: Engine, tiny: Model) -> None:
+    text = "def crab(x):\n    return x + 1\n\nprint("
+    assert not any(c.whole_line for c in complete(engine, tiny, text, line_tokens=0))

@@ -111,8 +111,8 @@ def test_branches_leave_the_document_as_it_was(tiny: Model) -> None:
         s.sync(target)
         before = s.logits.copy()
         firsts = [int(t) for t in np.argsort(-before)[:4]]
-        first, n1 = s.extend(firsts, lambda i, text: len(text) > 12, 6)
-        again, n2 = s.extend(firsts, lambda i, text: len(text) > 12, 6)
+        first, n1 = s.extend(firsts, lambda i, text: len(text) > 12, [6] * 4)
+        again, n2 = s.extend(firsts, lambda i, text: len(text) > 12, [6] * 4)
         assert first == again and n1 == n2 > 0  # deterministic
         assert s.tokens == target and np.array_equal(s.logits, before)
         # the next token after the document is computed as if no branch existed
@@ -142,9 +142,9 @@ def test_drafts_from_the_document_give_the_plain_greedy_path(tiny: Model) -> Non
     try:
         s.sync(target)
         first = int(np.argmax(s.logits))
-        with_drafts, rows = s.extend([first], lambda i, t: False, 12)
+        with_drafts, rows = s.extend([first], lambda i, t: False, [12])
         s.DRAFT = 0  # type: ignore[misc]
-        plain, plain_rows = s.extend([first], lambda i, t: False, 12)
+        plain, plain_rows = s.extend([first], lambda i, t: False, [12])
         assert with_drafts == plain  # on the tiny model batches are exact, so the paths agree
         assert s.tokens == target
     finally:

@@ -1,7 +1,7 @@
 -- lsp-llm Neovim plugin (Neovim 0.11+).
 --
 --   require('lsp_llm').setup {
---     settings = { items = 5, lineTokens = 24 },   -- server settings, see README
+--     settings = { items = 5, lineTokens = 12 },   -- server settings, see README
 --   }
 --
 -- setup() registers the `lsp_llm` config (lsp/lsp_llm.lua) with vim.lsp.config, enables it,
