@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", type=Path, help="also write the table and plot into this README, between "
                    f"{report.START} and {report.END}")
     p.add_argument("--strict", action="store_true", help="exit 3 when a measured target is missed")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild report.md and bench.png from --out's results.json")
     return p
 
 
@@ -121,8 +123,30 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def rebuild(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError) as e:
+        _log(f"lsp-llm bench: cannot read {out / 'results.json'}: {e}")
+        return 2
+    results["summaries"] = [report.summarize(r) for r in results["runs"]]
+    results["targets"] = report.evaluate_targets(results)
+    png = report.plot(results, out / "bench.png")
+    md = report.markdown(results, "bench.png" if png else None)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "report.md").write_text(md)
+    print(md)
+    if args.readme:
+        _log("lsp-llm bench: " + report.update_readme(args.readme, md, png, out / "results.json"))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        return rebuild(args)
     started = time.perf_counter()
+    machine = machine_info()
     preset = QUICK if args.quick else FULL
     cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
     if args.sizes is not None:
@@ -206,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     results = {
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - started,
-        "machine": machine_info(),
+        "machine": {**machine, "loadavg_end": machine_info()["loadavg"]},
         "model": model_info,
         "settings": {**asdict(settings), **cfg, "seed": args.seed, "quick": args.quick, "engines": engines,
                      "files": [str(f) for f in files]},

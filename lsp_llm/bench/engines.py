@@ -546,7 +546,9 @@ class LspLlmEngine(Engine):
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
         self.client = LspClient.spawn(cmd, stderr_path=self.stderr_path)
         try:
-            self.client.initialize(timeout=self.s.timeout_s)
+            # the same generation budget as the baselines: the line item gets gen_tokens
+            self.client.initialize(initialization_options={"lineTokens": self.s.gen_tokens},
+                                   timeout=self.s.timeout_s)
         except Exception as e:
             raise EngineUnavailable(f"lsp-llm server did not initialize: {e} (log {self.stderr_path})") from None
         self.generated = {}

@@ -188,7 +188,8 @@ def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
         f"{results['model']['size_mb']:.0f} MB); {st['threads']} threads; n_ctx {st['n_ctx']}; "
         f"baselines generate {st['gen_tokens']} greedy tokens per request; seed {st['seed']}.  ",
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['memory_gb']:.0f} GiB), {m['os']}; Python {m['python']}, "
-        f"llama-cpp-python {m['llama_cpp_python']}; load average at start {m.get('loadavg', '?')}.  ",
+        f"llama-cpp-python {m['llama_cpp_python']}; load average {m.get('loadavg', '?')} at the start, "
+        f"{m.get('loadavg_end', '?')} at the end.  ",
         f"Run on {results['started']} in {results['elapsed_s']:.0f} s.",
         "",
     ]
@@ -239,12 +240,24 @@ def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
         mark = {True: "pass", False: "**miss**", None: "not measured"}[t["pass"]]
         lines.append(f"| {t['target']} | {mark} | {t['detail']} |")
     lines.append("")
-    notes = results.get("notes", [])
+    notes = list(results.get("notes", [])) + contention_notes(results)
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     if plot_name:
         lines += [f"![lsp-llm bench]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def contention_notes(results: dict) -> list[str]:
+    """Runs during which other processes competed for the CPU (1-minute load
+    average above cores + 1 at their end): their latencies are inflated."""
+    cores = results["machine"].get("cores") or 1
+    busy = [f"{r['engine']} on {r['trace']} (load {r['loadavg_end'][0]:.1f})" for r in results["runs"]
+            if r.get("loadavg_end") and r["loadavg_end"][0] > cores + 1]
+    if not busy:
+        return []
+    return [f"Other processes competed for the {cores} cores during: {', '.join(busy)}; "
+            "those latencies are inflated. Rerun on an idle machine for figures to quote."]
 
 
 # -- plot ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ peak RSS, and a crash in llama.cpp costs one cell of the table, not the run).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -60,6 +61,7 @@ def run_job(job: dict) -> dict:
     result["open_s"] = time.perf_counter() - t_open
     pids = _tree(engine.work_pid)
     cpu0 = sum(cpu_seconds(p) for p in pids)
+    result["loadavg_start"] = _load()
     wall0 = time.perf_counter()
     texts = [d.text for d in trace.docs]
     try:
@@ -76,6 +78,7 @@ def run_job(job: dict) -> dict:
         result["reason"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
     result["wall_s"] = time.perf_counter() - wall0
+    result["loadavg_end"] = _load()
     pids = _tree(engine.work_pid)
     result["cpu_s"] = sum(cpu_seconds(p) for p in pids) - cpu0
     result["peak_rss"] = max(peak_rss_bytes(p) for p in pids)
@@ -91,6 +94,13 @@ def run_job(job: dict) -> dict:
     result["info"] = engine.info()
     result["settings"] = asdict(settings)
     return result
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def _close_quietly(engine) -> None:
