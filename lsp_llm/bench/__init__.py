@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(ENGINES)} (default: all)")
     p.add_argument("--quick", action="store_true", help="a small run that finishes in under 3 minutes on 2 cores")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--n-ctx", type=int, help="context size for every engine (default 10240; quick 3072; raised to fit the largest document)")
+    p.add_argument("--n-ctx", type=int,
+                   help="context size for every engine (default 10240; quick 3072; raised to fit the largest document)")
     p.add_argument("--doc-tokens", type=int, help="tokens before the cursor in each file of the 3-file trace")
     p.add_argument("--keystrokes", type=int, help="keystrokes in the 3-file trace")
     p.add_argument("--sizes", help="comma-separated document sizes (tokens) for the sweep; 'none' to skip")
@@ -246,7 +247,9 @@ def run(args: argparse.Namespace) -> int:
                      "server spends its time.")
     for r in runs:
         if r["engine"] == "lsp-llm" and r.get("info", {}).get("profile"):
-            notes.append(f"Profile of the lsp-llm server on {r['trace']}: {r['info']['profile']}")
+            line = report.profile_summary(r["info"]["profile"])
+            notes.append(f"Profile of the lsp-llm server on {r['trace']}: {r['info']['profile']}"
+                         + (f"; {line}" if line else ""))
     png = report.plot(results, out / "bench.png")
     if png is None:
         notes.append("matplotlib is not installed: no plot (pip install 'lsp-llm[bench]').")

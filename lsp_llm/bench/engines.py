@@ -553,7 +553,7 @@ class LspLlmEngine(Engine):
             raise EngineUnavailable(f"lsp-llm server did not initialize: {e} (log {self.stderr_path})") from None
         self.generated = {}
         self.fed = {}
-        for d, text in zip(trace.docs, warm):
+        for d in trace.docs:
             self.client.did_open(d.uri, d.text)
         for d, text in zip(trace.docs, warm):
             # one completion per document at its first cursor: the editor opened
