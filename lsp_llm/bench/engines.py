@@ -48,7 +48,7 @@ class Settings:
     threads: int = 2
     n_ctx: int = 10240
     n_batch: int = 512
-    gen_tokens: int = 4  # greedy tokens the baselines generate per request
+    gen_tokens: int = 12  # greedy tokens per request (lsp-llm: lineTokens)
     max_sessions: int = 4
     timeout_s: float = 120.0
     server_cmd: Sequence[str] | None = None  # override for lsp-llm's command
