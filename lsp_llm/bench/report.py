@@ -185,7 +185,8 @@ def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
         "",
         f"Model **{results['model']['name']}** ({results['model']['description']}, "
         f"{results['model']['size_mb']:.0f} MB); {st['threads']} threads; n_ctx {st['n_ctx']}; "
-        f"every engine generates up to {st['gen_tokens']} greedy tokens per request (lsp-llm: lineTokens, plus its word items); seed {st['seed']}.  ",
+        f"every engine generates up to {st['gen_tokens']} greedy tokens per request "
+        f"(lsp-llm: lineTokens, plus its word items); seed {st['seed']}.  ",
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['memory_gb']:.0f} GiB), {m['os']}; Python {m['python']}, "
         f"llama-cpp-python {m['llama_cpp_python']}; load average {m.get('loadavg', '?')} at the start, "
         f"{m.get('loadavg_end', '?')} at the end.  ",
