@@ -184,13 +184,7 @@ class Session:
         branches in one batch per step, until ``done(i, text)`` or branch i
         has max_tokens[i] tokens.
 
-        Prompt lookup: where the last two tokens of a branch occurred earlier
-        in the document, the tokens that followed are fed as a draft in the
-        same step and kept as long as they match the greedy choice, so
-        repetitive code costs fewer steps. Drafts depend only on the document
-        and the branch, so the same text still gives the same items.
-
-        Returns the token lists and the number of rows decoded. The document
+        Returns the token lists and the number of tokens decoded. The document
         sequence is left exactly as it was.
         """
         k = len(firsts)
@@ -202,7 +196,6 @@ class Session:
         texts = [self.model.piece(t) for t in firsts]
         active = [i for i in range(k)
                   if not self.model.is_eog(firsts[i]) and not done(i, texts[i]) and limit[i] > 1]
-        lookup = self._bigrams()
         decoded = 0
         for i in active:
             llama.llama_memory_seq_cp(self.mem, DOC_SEQ, i + 1, -1, -1)
@@ -213,57 +206,24 @@ class Session:
                 # branch batches need no padding: they are a pure function of
                 # the (exact) document state, so the same text gives the same items
                 b = self.batch
-                rows = 0
-                fed: list[tuple[int, int, list[int]]] = []  # branch, first row, draft
-                for i in active:
-                    path = branches[i]
-                    room = min(self.rows - rows - (len(active) - len(fed)), limit[i] - len(path))
-                    draft = self._draft(lookup, path, max(0, room))
-                    fed.append((i, rows, draft))
-                    for j, tok in enumerate([path[-1], *draft]):
-                        b.token[rows] = tok
-                        b.pos[rows] = n + len(path) - 1 + j
-                        b.n_seq_id[rows] = 1
-                        b.seq_id[rows][0] = i + 1
-                        b.logits[rows] = True
-                        rows += 1
-                b.n_tokens = rows
-                self._decode(rows)
-                decoded += rows
+                for r, i in enumerate(active):
+                    b.token[r] = branches[i][-1]
+                    b.pos[r] = n + len(branches[i]) - 1
+                    b.n_seq_id[r] = 1
+                    b.seq_id[r][0] = i + 1
+                    b.logits[r] = True
+                b.n_tokens = len(active)
+                self._decode(len(active))
+                decoded += len(active)
                 still = []
-                for i, row, draft in fed:
-                    path = branches[i]
-                    going = True
-                    for j in range(len(draft) + 1):
-                        tok = int(np.argmax(logits_view(self.ctx, row + j, self.model.n_vocab)))
-                        path.append(tok)
-                        texts[i] += self.model.piece(tok)
-                        going = not self.model.is_eog(tok) and not done(i, texts[i]) and len(path) < limit[i]
-                        if not going or j == len(draft) or draft[j] != tok:
-                            break
-                    if draft:  # forget the draft tokens that were not kept
-                        llama.llama_memory_seq_rm(self.mem, i + 1, n + len(path) - 1, -1)
-                    if going:
+                for r, i in enumerate(active):
+                    tok = int(np.argmax(logits_view(self.ctx, r, self.model.n_vocab)))
+                    branches[i].append(tok)
+                    texts[i] += self.model.piece(tok)
+                    if not self.model.is_eog(tok) and not done(i, texts[i]) and len(branches[i]) < limit[i]:
                         still.append(i)
                 active = still
         finally:
             for i in range(k):
                 llama.llama_memory_seq_rm(self.mem, i + 1, -1, -1)
         return branches, decoded
-
-    DRAFT = 8  # at most this many draft tokens per branch and step
-
-    def _bigrams(self) -> dict[tuple[int, int], int]:
-        """For each pair of adjacent document tokens, where its latest
-        occurrence is followed by something."""
-        t = self.tokens
-        return {(t[p - 1], t[p]): p + 1 for p in range(1, len(t) - 1)}
-
-    def _draft(self, lookup: dict[tuple[int, int], int], path: list[int], room: int) -> list[int]:
-        if room <= 0:
-            return []
-        a = path[-2] if len(path) >= 2 else (self.tokens[-1] if self.tokens else -1)
-        at = lookup.get((a, path[-1]))
-        if at is None:
-            return []
-        return self.tokens[at : at + min(room, self.DRAFT)]
