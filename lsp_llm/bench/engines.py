@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..session import common_prefix
 from .lspclient import LspClient, change_event
 from .traces import Keystroke, Trace
 
@@ -240,14 +241,6 @@ class RawContext:
             self.llama.llama_batch_free(self.batch)
             self.llama.llama_free(self.ctx)
             self.ctx = None
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 # -- the engines ---------------------------------------------------------------------
