@@ -16,6 +16,7 @@ import tiny_model  # noqa: E402
 
 from lsp_llm.calibrate import calibrate  # noqa: E402
 from lsp_llm.default_model import cache_dir, default_model_path  # noqa: E402
+from lsp_llm.engine import Engine  # noqa: E402
 from lsp_llm.model import Model  # noqa: E402
 
 THREADS = 2
@@ -51,3 +52,13 @@ def gemma(default_model_file: Path) -> Model:
     model = Model(default_model_file, threads=THREADS)
     calibrate(model, None)
     return model
+
+
+@pytest.fixture
+def engine(tiny: Model):
+    """An engine thread on the tiny model: 2 live sessions of 1,024 tokens."""
+    e = Engine(max_sessions=2, n_ctx=1024, n_branches=8, headroom=40)
+    e.submit(lambda: e.set_model(tiny)).result()
+    yield e
+    e.stop()
+    assert not e.alive  # no orphan thread

@@ -39,14 +39,6 @@ def test_top_tokens_renormalize_over_the_allowed_set() -> None:
     assert list(ids) == [2, 0] and abs(p.sum() - 1.0) < 1e-9
 
 
-@pytest.fixture
-def engine(tiny: Model):
-    e = Engine(max_sessions=2, n_ctx=1024, n_branches=8, headroom=40)
-    e.submit(lambda: e.set_model(tiny)).result()
-    yield e
-    e.stop()
-
-
 def complete(engine: Engine, tiny: Model, text: str, line_tokens: int = 16) -> list:
     vocab = Vocab(lambda b: tiny.tokenize(b, add_bos=False), tiny.piece, tiny.bos)
     doc = Document("u", text, 1, vocab)

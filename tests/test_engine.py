@@ -16,15 +16,6 @@ from lsp_llm.session import Cancelled, Session
 TEXT = b"def crab(x):\n    return x + 1\n\n" * 40
 
 
-@pytest.fixture
-def engine(tiny: Model):
-    e = Engine(max_sessions=2, n_ctx=1024, n_branches=4, headroom=16)
-    e.submit(lambda: e.set_model(tiny)).result()
-    yield e
-    e.stop()
-    assert not e.alive  # no orphan thread
-
-
 def wait_idle(e: Engine, timeout: float = 30) -> None:
     end = time.time() + timeout
     while time.time() < end:
