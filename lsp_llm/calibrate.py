@@ -5,8 +5,9 @@ sizes, so the same token can get slightly different values when evaluated
 alone or inside a larger batch. At model load we try candidate rules (pad
 every decode call to a multiple of m rows, at least k) and keep the first
 that gives bit-identical logits for one big batch versus many small ones and
-a rewind. The verdict is cached per model file, library version, CPU and
-thread count.
+a rewind, and for completion branches batched together (several sequences in
+one call) versus a fresh evaluation. The verdict is cached per model file,
+library version, CPU, thread count and ``VERSION`` of this check.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from .branches import decode_rows, drop_branch
 from .model import CANDIDATE_RULES, BatchRule, Model
 from .session import Session
 
@@ -31,6 +34,7 @@ SAMPLE = (
     b"        a, b = b, a + b\n"
     b"    return a\n"
 )
+VERSION = 2  # of the checks below: a new version calibrates again
 # chunk sizes for the incremental evaluation; they cover 1..9 rows
 PATTERN = [1, 2, 3, 5, 9, 1, 4, 7, 6, 8]
 
@@ -60,9 +64,34 @@ def rule_holds(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
         pieces.close()
 
 
+def branches_hold(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
+    """Completion branches batched together under ``rule`` (several sequences
+    and rows in one call) give the logits of a fresh evaluation."""
+    model.batch_rule = rule
+    s = Session(model, n_ctx=256, n_branches=6)
+    fresh = Session(model, n_ctx=256, n_branches=1)
+    try:
+        s.sync(tokens)
+        firsts = [int(t) for t in np.argsort(-s.logits)[:6]]
+        for paths in ([[f] for f in firsts], [[firsts[0], *tokens[1:4]], [firsts[1]]], [[firsts[2], *tokens[1:10]]]):
+            rows = [(i, j, t, j == len(path) - 1) for i, path in enumerate(paths) for j, t in enumerate(path)]
+            got = decode_rows(s, rows, len(tokens), read=np.copy)
+            for i in range(len(paths)):
+                drop_branch(s, i)
+            for i, path in enumerate(paths):
+                fresh.reset()
+                fresh.sync(tokens + path)
+                if not np.array_equal(got[(i, len(path) - 1)], fresh.logits):
+                    return False
+        return True
+    finally:
+        s.close()
+        fresh.close()
+
+
 def calibrate(model: Model, cache: Path | None) -> BatchRule:
     """Set and return model.batch_rule."""
-    key = model.calibration_key()
+    key = f"v{VERSION}-{model.calibration_key()}"
     cached = _load(cache, key)
     if cached is not None:
         model.batch_rule = cached
@@ -73,7 +102,7 @@ def calibrate(model: Model, cache: Path | None) -> BatchRule:
     tokens = model.tokenize(SAMPLE, add_bos=True)
     rule = BatchRule(4, 8, exact=False)
     for candidate in CANDIDATE_RULES:
-        if rule_holds(model, candidate, tokens):
+        if rule_holds(model, candidate, tokens) and branches_hold(model, candidate, tokens):
             rule = candidate
             break
     model.batch_rule = rule
@@ -113,7 +142,7 @@ def _save(cache: Path | None, key: str, rule: BatchRule) -> None:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             data = {}
-        data[key] = {"multiple": rule.multiple, "minimum": rule.minimum, "exact": rule.exact}
+        data[key] = asdict(rule)
         path.write_text(json.dumps(data, indent=1))
     except OSError as e:
         log.warning("could not cache the batch rule in %s: %s", path, e)

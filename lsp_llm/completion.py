@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .branches import extend
 from .engine import DocStats, Engine
 from .session import Session
 
@@ -96,6 +97,8 @@ def candidates(
     model = engine.model
     typed = healed
     allowed = model.tokens_starting_with(typed) if typed else None
+    if allowed is not None and not len(allowed):
+        return []  # no token fits the typed text
     ids, probs = top_tokens(session.logits, min(items + 4, engine.n_branches), allowed)
     keep = [i for i, t in enumerate(ids) if not model.is_eog(int(t))][:items]
     firsts = [int(ids[i]) for i in keep]
@@ -110,7 +113,9 @@ def candidates(
     limits = [WORD_TOKENS] * len(firsts)
     if lines and limits:
         limits[0] = max(line_tokens, WORD_TOKENS)
-    branches, generated = session.extend(firsts, done, limits, cancel.is_set)
+    memo = engine.memo if model.batch_rule.exact else None  # exact steps only
+    hits0 = engine.memo.hits
+    branches, generated = extend(session, firsts, done, limits, cancel.is_set, memo)
     t2 = time.perf_counter()
     out: list[Candidate] = []
     seen: set[str] = set()  # items are distinct by what they show
@@ -130,6 +135,8 @@ def candidates(
         add(_decode(rest[:cut] if cut is not None else rest), p)
     st = engine.stats.setdefault(uri, DocStats())
     st.generated_total += generated
+    st.generated_last = generated
+    st.memo_steps_last = engine.memo.hits - hits0
     st.feed_ms = (t1 - t0) * 1000
     st.generate_ms = (t2 - t1) * 1000
     st.decode_ms = (Session.decode_seconds - decode0) * 1000

@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .greedy import GreedyMemo
 from .session import Cancelled, Session, SyncResult
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class DocStats:
     fed_last: int = 0
     fed_total: int = 0
     generated_total: int = 0
+    generated_last: int = 0  # rows decoded for the last completion's candidates
+    memo_steps_last: int = 0  # greedy steps the last completion took from the memo
     syncs: int = 0
     last_ms: float = 0.0  # the last completion, end to end on the engine
     feed_ms: float = 0.0  # ... of which bringing the session up to date
@@ -83,6 +86,7 @@ class Engine:
         self.model: Any = None  # lsp_llm.model.Model once loaded
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.stats: dict[str, DocStats] = {}
+        self.memo = GreedyMemo()  # greedy steps of the current model
         self.on_progress: ProgressFn | None = None
         self._targets: dict[str, list[int]] = {}
         self._dirty: OrderedDict[str, None] = OrderedDict()
@@ -245,6 +249,7 @@ class Engine:
     def set_model(self, model: Any) -> None:
         """Engine thread only: switch models, dropping every session."""
         self._close_all()
+        self.memo.clear()
         old, self.model = self.model, model
         if old is not None and old is not model:
             old.close()

@@ -153,7 +153,7 @@ class Session:
             b.seq_id[i][0] = DOC_SEQ
             b.logits[i] = want_logits and i == n - 1
         b.n_tokens = rows
-        self._decode(rows)
+        self.decode(rows)
         if rows > n:
             llama.llama_memory_seq_rm(self.mem, DOC_SEQ, start + n, -1)
         self.tokens.extend(chunk)
@@ -163,7 +163,8 @@ class Session:
         else:
             self.logits = None
 
-    def _decode(self, rows: int) -> None:
+    def decode(self, rows: int) -> None:
+        """Decode the first ``rows`` rows of ``self.batch``."""
         t = time.perf_counter()
         rc = llama.llama_decode(self.ctx, self.batch)
         Session.decode_seconds += time.perf_counter() - t
@@ -171,59 +172,3 @@ class Session:
             # the cache may now be partly written: start over next time
             self.reset()
             raise DecodeError(f"llama_decode failed with code {rc} on {rows} rows")
-
-    # -- branches: extend completion candidates together -------------------
-    def extend(
-        self,
-        firsts: Sequence[int],
-        done: Callable[[int, bytes], bool],
-        max_tokens: Sequence[int],
-        should_stop: ShouldStop | None = None,
-    ) -> tuple[list[list[int]], int]:
-        """Greedily extend each first token in its own branch sequence, all
-        branches in one batch per step, until ``done(i, text)`` or branch i
-        has max_tokens[i] tokens.
-
-        Returns the token lists and the number of tokens decoded. The document
-        sequence is left exactly as it was.
-        """
-        k = len(firsts)
-        if k > self.n_branches:
-            raise ValueError(f"at most {self.n_branches} branches")
-        n = len(self.tokens)
-        limit = [min(m, self.n_ctx - n - 1) for m in max_tokens]
-        branches = [[t] for t in firsts]
-        texts = [self.model.piece(t) for t in firsts]
-        active = [i for i in range(k)
-                  if not self.model.is_eog(firsts[i]) and not done(i, texts[i]) and limit[i] > 1]
-        decoded = 0
-        for i in active:
-            llama.llama_memory_seq_cp(self.mem, DOC_SEQ, i + 1, -1, -1)
-        try:
-            while active:
-                if should_stop is not None and should_stop():
-                    raise Cancelled()
-                # branch batches need no padding: they are a pure function of
-                # the (exact) document state, so the same text gives the same items
-                b = self.batch
-                for r, i in enumerate(active):
-                    b.token[r] = branches[i][-1]
-                    b.pos[r] = n + len(branches[i]) - 1
-                    b.n_seq_id[r] = 1
-                    b.seq_id[r][0] = i + 1
-                    b.logits[r] = True
-                b.n_tokens = len(active)
-                self._decode(len(active))
-                decoded += len(active)
-                still = []
-                for r, i in enumerate(active):
-                    tok = int(np.argmax(logits_view(self.ctx, r, self.model.n_vocab)))
-                    branches[i].append(tok)
-                    texts[i] += self.model.piece(tok)
-                    if not self.model.is_eog(tok) and not done(i, texts[i]) and len(branches[i]) < limit[i]:
-                        still.append(i)
-                active = still
-        finally:
-            for i in range(k):
-                llama.llama_memory_seq_rm(self.mem, i + 1, -1, -1)
-        return branches, decoded

@@ -104,28 +104,6 @@ def test_never_rewinds_past_bos(tiny: Model) -> None:
         s.close()
 
 
-def test_branches_leave_the_document_as_it_was(tiny: Model) -> None:
-    target = tiny.tokenize(BASE.encode(), True)
-    s = Session(tiny, n_ctx=1024, n_branches=4)
-    try:
-        s.sync(target)
-        before = s.logits.copy()
-        firsts = [int(t) for t in np.argsort(-before)[:4]]
-        first, n1 = s.extend(firsts, lambda i, text: len(text) > 12, [6] * 4)
-        again, n2 = s.extend(firsts, lambda i, text: len(text) > 12, [6] * 4)
-        assert first == again and n1 == n2 > 0  # deterministic
-        assert s.tokens == target and np.array_equal(s.logits, before)
-        # the next token after the document is computed as if no branch existed
-        s.sync(target + [firsts[0]])
-        assert np.array_equal(s.logits, fresh_logits(tiny, target + [firsts[0]]))
-        # a branch's greedy path equals feeding the same tokens to the document
-        path = first[0]
-        s.sync(target + path[:-1])
-        assert int(np.argmax(s.logits)) == path[-1]
-    finally:
-        s.close()
-
-
 def test_sync_rejects_targets_longer_than_the_context(tiny: Model) -> None:
     s = Session(tiny, n_ctx=64, n_branches=1)
     try:

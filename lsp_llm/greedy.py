@@ -1,0 +1,64 @@
+"""A memo of greedy steps: token sequence -> the model's most likely next token.
+
+Greedy decoding is a pure function of the tokens so far, and with canonical
+batch shapes (see ``calibrate``) the logits behind it do not depend on how the
+tokens were batched. So a step computed once can be reused by any later
+completion that reaches the same sequence: typing inside a word keeps the
+prompt and re-asks for the same branches, and typing what the line item
+predicted walks down a path that is already known. Using the memo never
+changes an item; it only skips decode calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+
+Key = bytes
+
+
+class GreedyMemo:
+    """A bounded LRU map from a token sequence (by a 128-bit BLAKE2b digest) to
+    its greedy next token."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self._steps: OrderedDict[Key, int] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def prefix(tokens: Sequence[int]) -> hashlib.blake2b:
+        """A hash state for a shared prefix; extend it with ``key``."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(array("i", tokens).tobytes())
+        return h
+
+    @staticmethod
+    def key(prefix: hashlib.blake2b, tail: Sequence[int]) -> Key:
+        h = prefix.copy()
+        h.update(array("i", tail).tobytes())
+        return h.digest()
+
+    def get(self, key: Key) -> int | None:
+        tok = self._steps.get(key)
+        if tok is None:
+            self.misses += 1
+            return None
+        self._steps.move_to_end(key)
+        self.hits += 1
+        return tok
+
+    def put(self, key: Key, token: int) -> None:
+        self._steps[key] = token
+        self._steps.move_to_end(key)
+        while len(self._steps) > self.capacity:
+            self._steps.popitem(last=False)
+
+    def clear(self) -> None:
+        self._steps.clear()
+
+    def __len__(self) -> int:
+        return len(self._steps)
