@@ -21,6 +21,7 @@ item, they only skip decode calls.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp as llama
@@ -31,6 +32,15 @@ from .model import logits_view
 from .session import DOC_SEQ, Cancelled, Session, ShouldStop
 
 Row = tuple[int, int, int, bool]  # (branch, index in the branch, token, wants logits)
+
+
+@dataclass(frozen=True)
+class Spare:
+    """Work for free rows: more first tokens, and where any branch may go on."""
+
+    firsts: Sequence[int]
+    done: Callable[[bytes], bool]
+    max_tokens: int
 
 
 def _argmax(logits: np.ndarray) -> int:
@@ -70,26 +80,44 @@ def decode_rows(
 
 
 class DraftIndex:
-    """Prompt lookup: for each pair of adjacent tokens in the document, where
-    its last occurrence ends (built on first use)."""
+    """Prompt lookup: where the last occurrence of each token, and of each
+    pair of adjacent tokens, ends in the document (built on first use)."""
 
     def __init__(self, tokens: Sequence[int]) -> None:
         self.tokens = tokens
-        self._after: dict[tuple[int, int], int] | None = None
+        self._after: dict[tuple[int, ...], int] | None = None
 
     def draft(self, history: Sequence[int], room: int) -> list[int]:
-        """Up to room tokens that followed history's last two tokens before."""
-        if room <= 0 or len(history) < 2:
+        """Up to room tokens that followed history's last two tokens (or, if
+        they never occurred together, its last token) in the document."""
+        if room <= 0 or not history:
             return []
         if self._after is None:
             t = self.tokens
-            self._after = dict(zip(zip(t[:-2], t[1:-1]), range(2, len(t))))
-        at = self._after.get((history[-2], history[-1]))
+            after: dict[tuple[int, ...], int] = {(a,): i for i, a in enumerate(t[:-1], 1)}
+            after.update(zip(zip(t[:-2], t[1:-1]), range(2, len(t))))
+            self._after = after
+        at = self._after.get(tuple(history[-2:])) or self._after.get((history[-1],))
         return [] if at is None else list(self.tokens[at : at + room])
 
 
 def drop_branch(session: Session, i: int) -> None:
     llama.llama_memory_seq_rm(session.mem, i + 1, -1, -1)
+
+
+@dataclass
+class Branch:
+    tokens: list[int]
+    text: bytes
+    limit: int  # at most this many tokens, spare work included
+    item: int | None  # tokens of the finished item; None while it still grows
+    in_kv: int = 0  # how many of its tokens its sequence holds
+
+
+def _pending(i: int, br: Branch) -> list[Row]:
+    """Rows for the tokens of branch i that its sequence does not hold yet."""
+    last = len(br.tokens) - 1
+    return [(i, j, br.tokens[j], j == last) for j in range(br.in_kv, last + 1)]
 
 
 def extend(
@@ -100,64 +128,94 @@ def extend(
     should_stop: ShouldStop | None = None,
     memo: GreedyMemo | None = None,
     drafts: bool = True,
+    spare: Spare | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedily extend each first token in its own branch until
-    ``done(i, text)`` or branch i has max_tokens[i] tokens. Branch 0 gets the
-    drafts first (it is the most likely, and the longest).
+    ``done(i, text)`` or branch i has max_tokens[i] tokens.
 
-    Returns the token lists and the number of rows decoded (drafts included).
+    With a memo, rows that a call has free after the branches and their
+    drafts do spare work for later keystrokes: the ``spare`` first tokens,
+    and finished branches going on to ``spare.done``. Spare work never adds a
+    decode call and never changes an item; it only fills the memo.
+
+    Returns each branch's tokens and the number of rows decoded.
     """
     model = session.model
     k = len(firsts)
-    if k > session.n_branches:
-        raise ValueError(f"at most {session.n_branches} branches")
+    extra = list(spare.firsts) if spare is not None and memo is not None else []
+    if k + len(extra) > session.n_branches:
+        extra = extra[: max(0, session.n_branches - k)]
+        if k > session.n_branches:
+            raise ValueError(f"at most {session.n_branches} branches")
     n = len(session.tokens)
-    limit = [min(m, session.n_ctx - n - 1) for m in max_tokens]
-    branches = [[t] for t in firsts]
-    texts = [model.piece(t) for t in firsts]
-    in_kv = [0] * k  # how many of branch i's tokens its sequence holds
+    room = session.n_ctx - n - 1
+    spare_limit = min(spare.max_tokens, room) if spare is not None else 0
+    branches = [Branch([t], model.piece(t), min(m, room), None) for t, m in zip(firsts, max_tokens)]
+    branches += [Branch([t], model.piece(t), spare_limit, 0) for t in extra]
     prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
     index = DraftIndex(session.tokens) if drafts else None
     step = session.rows - session.rows % session.rule.multiple
 
+    def check(i: int) -> None:
+        """Settle branch i's item once it is complete."""
+        br = branches[i]
+        if br.item is None and (model.is_eog(br.tokens[-1]) or done(i, br.text) or len(br.tokens) >= br.limit):
+            br.item = len(br.tokens)
+            if spare is not None and memo is not None:
+                br.limit = max(br.limit, spare_limit)
+
     def growing(i: int) -> bool:
-        return not model.is_eog(branches[i][-1]) and not done(i, texts[i]) and len(branches[i]) < limit[i]
+        br = branches[i]
+        if br.item is None:
+            return True
+        return (spare is not None and memo is not None and not model.is_eog(br.tokens[-1])
+                and not spare.done(br.text) and len(br.tokens) < br.limit)
 
     def grow(i: int, tok: int) -> None:
-        branches[i].append(tok)
-        texts[i] += model.piece(tok)
+        branches[i].tokens.append(tok)
+        branches[i].text += model.piece(tok)
+        check(i)
 
-    active = [i for i in range(k) if growing(i)]
+    for i in range(k):
+        check(i)
     decoded = 0
     try:
-        while active:
+        while True:
             if memo is not None and prefix is not None:
-                for i in active:
-                    while growing(i) and (tok := memo.get(GreedyMemo.key(prefix, branches[i]))) is not None:
+                for i in range(len(branches)):
+                    while growing(i) and (tok := memo.get(GreedyMemo.key(prefix, branches[i].tokens))) is not None:
                         grow(i, tok)
-            need = [i for i in active if growing(i)]  # steps not in the memo
+            need = [i for i in range(len(branches)) if branches[i].item is None]  # items to finish
             if not need:
                 break
             if should_stop is not None and should_stop():
                 raise Cancelled()
-            rows: list[Row] = [(i, j, branches[i][j], j == len(branches[i]) - 1)
-                               for i in need for j in range(in_kv[i], len(branches[i]))]
-            guess: dict[int, list[int]] = {i: [] for i in need}
+            rows = [row for i in need for row in _pending(i, branches[i])]
+            guess: dict[int, list[int]] = {}
             free = session.rule.padded(len(rows)) - len(rows) if len(rows) <= step else 0
-            for i in need:
+            for i in need:  # drafts can save a call
                 if index is None or free <= 0:
                     break
-                room = min(free, limit[i] - len(branches[i]) - 1)
-                guess[i] = index.draft([*session.tokens[-1:], *branches[i]], room)
-                rows += [(i, len(branches[i]) + m, t, True) for m, t in enumerate(guess[i])]
+                br = branches[i]
+                guess[i] = index.draft([*session.tokens[-1:], *br.tokens], min(free, br.limit - len(br.tokens) - 1))
+                rows += [(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess[i])]
                 free -= len(guess[i])
+            working = list(need)
+            # spare work fills what is left, shortest branches first
+            for i in sorted(range(len(branches)), key=lambda i: len(branches[i].tokens)):
+                more = _pending(i, branches[i])
+                if i not in need and growing(i) and len(more) <= free:
+                    rows += more
+                    working.append(i)
+                    free -= len(more)
             out = decode_rows(session, rows, n)
             decoded += len(rows)
-            for i in need:
-                size, g = len(branches[i]), guess[i]
+            for i in working:
+                br = branches[i]
+                size, g = len(br.tokens), guess.get(i, [])
                 if memo is not None and prefix is not None:
                     for m in range(len(g) + 1):  # rows after a wrong draft are exact for their own text
-                        memo.put(GreedyMemo.key(prefix, branches[i] + g[:m]), out[(i, size - 1 + m)])
+                        memo.put(GreedyMemo.key(prefix, br.tokens + g[:m]), out[(i, size - 1 + m)])
                 m, tok = 0, out[(i, size - 1)]
                 while True:
                     grow(i, tok)
@@ -165,11 +223,10 @@ def extend(
                         break
                     tok = out[(i, size + m)]
                     m += 1
-                in_kv[i] = size + m
+                br.in_kv = size + m
                 if len(g) > m:  # forget the rejected drafts
-                    llama.llama_memory_seq_rm(session.mem, i + 1, n + in_kv[i], -1)
-            active = [i for i in need if growing(i)]
+                    llama.llama_memory_seq_rm(session.mem, i + 1, n + br.in_kv, -1)
     finally:
-        for i in range(k):
+        for i in range(len(branches)):
             drop_branch(session, i)
-    return branches, decoded
+    return [br.tokens[: br.item] for br in branches[:k]], decoded

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .branches import extend
+from .branches import Spare, extend
 from .engine import DocStats, Engine
 from .session import Session
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word
+SPARE_FIRSTS = 8  # first tokens beyond the items that free rows extend
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,9 @@ def candidates(
     allowed = model.tokens_starting_with(typed) if typed else None
     if allowed is not None and not len(allowed):
         return []  # no token fits the typed text
-    ids, probs = top_tokens(session.logits, min(items + 4, engine.n_branches), allowed)
-    keep = [i for i, t in enumerate(ids) if not model.is_eog(int(t))][:items]
+    ids, probs = top_tokens(session.logits, min(items + SPARE_FIRSTS, engine.n_branches), allowed)
+    usable = [i for i, t in enumerate(ids) if not model.is_eog(int(t))]
+    keep = usable[:items]
     firsts = [int(ids[i]) for i in keep]
     p_first = {int(ids[i]): float(probs[i]) for i in keep}
     skip = len(typed)  # the healed text is already in the document
@@ -115,7 +117,11 @@ def candidates(
         limits[0] = max(line_tokens, WORD_TOKENS)
     memo = engine.memo if model.batch_rule.exact else None  # exact steps only
     hits0 = engine.memo.hits
-    branches, generated = extend(session, firsts, done, limits, cancel.is_set, memo)
+    # free batch rows extend the next likely first tokens, and every branch
+    # to the end of the line, for the keystrokes to come
+    spare = Spare([int(ids[i]) for i in usable[items:]], lambda text: line_end(text[skip:]) is not None,
+                  max(line_tokens, WORD_TOKENS))
+    branches, generated = extend(session, firsts, done, limits, cancel.is_set, memo, spare=spare)
     t2 = time.perf_counter()
     out: list[Candidate] = []
     seen: set[str] = set()  # items are distinct by what they show

@@ -75,9 +75,12 @@ def test_drafts_change_nothing(doc: Session) -> None:
                                                                                 drafts=False)[0]
 
 
-def test_draft_index_finds_what_followed_the_last_two_tokens() -> None:
-    index = DraftIndex([1, 2, 3, 4, 9, 2, 3, 5, 6, 7])
-    assert index.draft([8, 2, 3], 2) == [5, 6]  # the last occurrence wins
-    assert index.draft([4, 9], 9) == [2, 3, 5, 6, 7]
-    assert index.draft([6, 7], 3) == []  # the document's own end has no follower
-    assert index.draft([2, 3], 0) == [] and index.draft([3], 3) == []
+def test_draft_index_finds_what_followed_the_last_tokens() -> None:
+    index = DraftIndex([1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 8, 3, 1])
+    assert index.draft([8, 2, 3], 2) == [5, 6]  # the last occurrence of the pair wins
+    assert index.draft([4, 9], 9) == [2, 3, 5, 6, 7, 8, 3, 1]
+    assert index.draft([0, 3], 3) == [1]  # no such pair: the last occurrence of the token
+    assert index.draft([6, 1], 2) == [2, 3]
+    assert index.draft([5, 0], 3) == []  # never seen
+    assert index.draft([7, 1], 3) == [2, 3, 4]  # the document's own end has no follower
+    assert index.draft([2, 3], 0) == [] and index.draft([], 3) == []
