@@ -179,6 +179,11 @@ def extend(
     for i in range(k):
         check(i)
     decoded = 0
+
+    def fits(rows: int) -> bool:
+        """Whether the context has free cells for rows more rows (with padding)."""
+        return n + sum(br.in_kv for br in branches) + session.rule.padded(rows) < session.n_ctx
+
     try:
         while True:
             if memo is not None and prefix is not None:
@@ -191,20 +196,25 @@ def extend(
             if should_stop is not None and should_stop():
                 raise Cancelled()
             rows = [row for i in need for row in _pending(i, branches[i])]
+            if not fits(len(rows)):  # the context is full: the items stop here
+                break
             guess: dict[int, list[int]] = {}
             free = session.rule.padded(len(rows)) - len(rows) if len(rows) <= step else 0
             for i in need:  # drafts can save a call
                 if index is None or free <= 0:
                     break
                 br = branches[i]
-                guess[i] = index.draft([*session.tokens[-1:], *br.tokens], min(free, br.limit - len(br.tokens) - 1))
+                room = min(free, br.limit - len(br.tokens) - 1)
+                while room > 0 and not fits(len(rows) + room):
+                    room -= 1
+                guess[i] = index.draft([*session.tokens[-1:], *br.tokens], room)
                 rows += [(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess[i])]
                 free -= len(guess[i])
             working = list(need)
             # spare work fills what is left, shortest branches first
             for i in sorted(range(len(branches)), key=lambda i: len(branches[i].tokens)):
                 more = _pending(i, branches[i])
-                if i not in need and growing(i) and len(more) <= free:
+                if i not in need and growing(i) and len(more) <= free and fits(len(rows) + len(more)):
                     rows += more
                     working.append(i)
                     free -= len(more)

@@ -84,3 +84,15 @@ def test_draft_index_finds_what_followed_the_last_tokens() -> None:
     assert index.draft([5, 0], 3) == []  # never seen
     assert index.draft([7, 1], 3) == [2, 3, 4]  # the document's own end has no follower
     assert index.draft([2, 3], 0) == [] and index.draft([], 3) == []
+
+
+def test_branches_stop_when_the_context_is_full(tiny: Model) -> None:
+    s = Session(tiny, n_ctx=256, n_branches=4)  # llama.cpp rounds contexts up to 256 cells
+    try:
+        target = tiny.tokenize((BASE * 3).encode(), True)[:240]
+        s.sync(target)
+        paths, decoded = extend(s, top(s, 4), never, [20] * 4, memo=GreedyMemo())
+        assert decoded > 0 and all(1 <= len(p) < 20 for p in paths)
+        assert s.tokens == target and np.array_equal(s.logits, fresh_logits(tiny, target))
+    finally:
+        s.close()

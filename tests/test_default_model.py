@@ -1,15 +1,20 @@
-"""Bounded exactness check on the embedded default model (Gemma 3 270M,
+"""Bounded exactness checks on the embedded default model (Gemma 3 270M,
 sliding window 512): edits, including a rewind deeper than the window,
-give logits bit-identical to a fresh evaluation."""
+give logits bit-identical to a fresh evaluation, and completion items do not
+depend on what was typed before."""
 
 from __future__ import annotations
 
 import sysconfig
+import threading
 from pathlib import Path
 
 import numpy as np
 
-from lsp_llm.calibrate import SAMPLE, rule_holds
+from lsp_llm.calibrate import SAMPLE, branches_hold, rule_holds
+from lsp_llm.completion import candidates
+from lsp_llm.documents import Document, Vocab
+from lsp_llm.engine import Engine
 from lsp_llm.model import Model
 from lsp_llm.session import Session
 
@@ -28,6 +33,7 @@ def fresh(model: Model, tokens: list[int]) -> np.ndarray:
 def test_calibrated_rule_is_exact(gemma: Model) -> None:
     assert gemma.batch_rule.exact
     assert rule_holds(gemma, gemma.batch_rule, gemma.tokenize(SAMPLE, True))
+    assert branches_hold(gemma, gemma.batch_rule, gemma.tokenize(SAMPLE, True))
 
 
 def test_edits_and_a_deep_rewind_match_a_fresh_run(gemma: Model) -> None:
@@ -48,3 +54,38 @@ def test_edits_and_a_deep_rewind_match_a_fresh_run(gemma: Model) -> None:
         assert np.array_equal(s.logits, fresh(gemma, deep))
     finally:
         s.close()
+
+
+def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
+    """Typing a line keystroke by keystroke (memo, drafts and spare work all
+    in play) gives the same items as a fresh engine on the same text."""
+    lines = SOURCE.read_text().splitlines(keepends=True)
+    head, line = "".join(lines[:100]), lines[100]
+    indent = line[: len(line) - len(line.lstrip())]
+    vocab = Vocab(lambda b: gemma.tokenize(b, add_bos=False), gemma.piece, gemma.bos,
+                  lambda b: len(gemma.tokens_starting_with(b)) > 0)
+
+    def items(engine: Engine, text: str) -> list:
+        doc = Document("u", text, 1, vocab)
+        prompt, healed = doc.prompt()
+        mid = doc.word_start(len(doc.data)) < len(doc.data)
+        return engine.submit(lambda: candidates(engine, "u", prompt, healed, mid, 5, 12,
+                                                threading.Event())).result()
+
+    warm, fresh_engine = (Engine(max_sessions=1, n_ctx=2048, n_branches=16, headroom=64) for _ in range(2))
+    try:
+        for e in (warm, fresh_engine):
+            e.submit(lambda e=e: e.set_model(gemma)).result()
+        typed, steps_from_memo = line.strip(), 0
+        for i in range(len(typed) + 1):
+            text = head + indent + typed[:i]
+            got = items(warm, text)
+            steps_from_memo += warm.stats["u"].memo_steps_last
+            if i in (3, 7, len(typed)):  # inside a word, after a space, at the end
+                fresh_engine.memo.clear()
+                fresh_engine.submit(lambda: fresh_engine._drop("u")).result()
+                assert got == items(fresh_engine, text), typed[:i]
+        assert steps_from_memo > 0
+    finally:
+        warm.stop()
+        fresh_engine.stop()
