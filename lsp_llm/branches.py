@@ -28,7 +28,7 @@ import llama_cpp as llama
 import numpy as np
 
 from .greedy import GreedyMemo
-from .model import logits_view
+from .model import best_tokens, logits_view
 from .session import DOC_SEQ, Cancelled, Session, ShouldStop
 
 Row = tuple[int, int, int, bool]  # (branch, index in the branch, token, wants logits)
@@ -43,16 +43,27 @@ class Spare:
     max_tokens: int
 
 
-def _argmax(logits: np.ndarray) -> int:
+TOP = 8  # top tokens remembered after each step of branch 0 (see Engine.sync)
+
+
+def _argmax(row: Row, logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
+def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
+    """The greedy token, and on branch 0 (the likeliest path) the top tokens."""
+    if row[0] != 0:
+        return int(np.argmax(logits)), ()
+    top = best_tokens(logits, TOP)
+    return top[0], top
+
+
 def decode_rows(
-    session: Session, rows: list[Row], n: int, read: Callable[[np.ndarray], Any] = _argmax
+    session: Session, rows: list[Row], n: int, read: Callable[[Row, np.ndarray], Any] = _argmax
 ) -> dict[tuple[int, int], Any]:
     """Decode branch rows in as few canonical calls as fit; a branch's first
     row (index 0) copies the document sequence into the branch's sequence.
-    Returns ``read(logits)`` for each (branch, index) that wants logits."""
+    Returns ``read(row, logits)`` for each (branch, index) that wants logits."""
     rule = session.rule
     step = session.rows - session.rows % rule.multiple
     out: dict[tuple[int, int], Any] = {}
@@ -73,9 +84,9 @@ def decode_rows(
         session.decode(total)
         if total > real:
             llama.llama_memory_seq_rm(session.mem, last_i + 1, n + last_j + 1, -1)
-        for r, (i, j, _, want) in enumerate(chunk):
-            if want:
-                out[(i, j)] = read(logits_view(session.ctx, r, session.model.n_vocab))
+        for r, row in enumerate(chunk):
+            if row[3]:
+                out[row[:2]] = read(row, logits_view(session.ctx, r, session.model.n_vocab))
     return out
 
 
@@ -218,20 +229,20 @@ def extend(
                     rows += more
                     working.append(i)
                     free -= len(more)
-            out = decode_rows(session, rows, n)
+            out = decode_rows(session, rows, n, read=_step)
             decoded += len(rows)
             for i in working:
                 br = branches[i]
                 size, g = len(br.tokens), guess.get(i, [])
                 if memo is not None and prefix is not None:
                     for m in range(len(g) + 1):  # rows after a wrong draft are exact for their own text
-                        memo.put(GreedyMemo.key(prefix, br.tokens + g[:m]), out[(i, size - 1 + m)])
-                m, tok = 0, out[(i, size - 1)]
+                        memo.put(GreedyMemo.key(prefix, br.tokens + g[:m]), *out[(i, size - 1 + m)])
+                m, tok = 0, out[(i, size - 1)][0]
                 while True:
                     grow(i, tok)
                     if not growing(i) or m == len(g) or tok != g[m]:
                         break
-                    tok = out[(i, size + m)]
+                    tok = out[(i, size + m)][0]
                     m += 1
                 br.in_kv = size + m
                 if len(g) > m:  # forget the rejected drafts

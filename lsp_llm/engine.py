@@ -40,6 +40,7 @@ class DocStats:
     fed_total: int = 0
     generated_total: int = 0
     generated_last: int = 0  # rows decoded for the last completion's candidates
+    probed_last: int = 0  # first tokens stepped in the padding of the latest feed
     memo_steps_last: int = 0  # greedy steps the last completion took from the memo
     syncs: int = 0
     last_ms: float = 0.0  # the last completion, end to end on the engine
@@ -216,15 +217,22 @@ class Engine:
 
             report(uri, 0, todo)
         fed_before = s.fed_count
+        # the first tokens most likely asked for next ride in the feed's padding
+        memo = self.memo if self.model.batch_rule.exact else None
+        start_key = GreedyMemo.prefix(fitted) if memo is not None else None
+        probe = memo.top(start_key.digest()) if memo is not None and start_key is not None else ()
         try:
-            result: SyncResult = s.sync(fitted, should_stop, progress)
+            result: SyncResult = s.sync(fitted, should_stop, progress, probe)
         finally:
             st.cached = len(s.tokens)
             st.fed_total += s.fed_count - fed_before
             if progress is not None:
                 report(uri, -1, todo)  # done
+        if memo is not None and start_key is not None:
+            for tok, after in result.probed.items():
+                memo.put(GreedyMemo.key(start_key, [tok]), after[0], after)
         st.window_start = start
-        st.reused_last, st.fed_last = result.reused, result.fed
+        st.reused_last, st.fed_last, st.probed_last = result.reused, result.fed, len(result.probed)
         st.syncs += 1
         return s
 

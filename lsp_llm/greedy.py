@@ -21,11 +21,12 @@ Key = bytes
 
 class GreedyMemo:
     """A bounded LRU map from a token sequence (by a 128-bit BLAKE2b digest) to
-    its greedy next token."""
+    its greedy next token, and for some sequences the most likely next tokens
+    (the likely first tokens of completions once the document reaches it)."""
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
-        self._steps: OrderedDict[Key, int] = OrderedDict()
+        self._steps: OrderedDict[Key, tuple[int, tuple[int, ...]]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -43,16 +44,22 @@ class GreedyMemo:
         return h.digest()
 
     def get(self, key: Key) -> int | None:
-        tok = self._steps.get(key)
-        if tok is None:
+        step = self._steps.get(key)
+        if step is None:
             self.misses += 1
             return None
         self._steps.move_to_end(key)
         self.hits += 1
-        return tok
+        return step[0]
 
-    def put(self, key: Key, token: int) -> None:
-        self._steps[key] = token
+    def top(self, key: Key) -> tuple[int, ...]:
+        """The most likely next tokens, most likely first (empty if unknown)."""
+        step = self._steps.get(key)
+        return step[1] if step is not None else ()
+
+    def put(self, key: Key, token: int, top: tuple[int, ...] = ()) -> None:
+        old = self._steps.get(key)
+        self._steps[key] = (token, top or (old[1] if old is not None else ()))
         self._steps.move_to_end(key)
         while len(self._steps) > self.capacity:
             self._steps.popitem(last=False)

@@ -229,6 +229,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def best_tokens(logits: np.ndarray, k: int) -> tuple[int, ...]:
+    """The k most likely tokens, most likely first (ties: lower id first, so
+    the first is np.argmax)."""
+    top = np.argpartition(logits, -k)[-k:]
+    top = top[np.lexsort((top, -logits[top]))]
+    return tuple(int(t) for t in top)
+
+
 def logits_view(ctx: llama.llama_context_p, row: int, n_vocab: int) -> np.ndarray:
     ptr = llama.llama_get_logits_ith(ctx, row)
     return np.ctypeslib.as_array(ptr, shape=(n_vocab,))

@@ -6,6 +6,10 @@ rewinding to the common prefix and feeding only the tail. Every decode call
 has a canonical shape (``BatchRule``) so the result for a token never depends
 on how it was batched: after any sequence of syncs the logits are
 bit-identical to a fresh evaluation of the same tokens.
+
+A feed's last call is padded anyway; ``probe`` tokens can take the padding
+rows, each as a one-token branch after the target, to learn the greedy token
+after it in the same call (see ``Engine.sync``).
 """
 
 from __future__ import annotations
@@ -13,16 +17,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import llama_cpp as llama
 import numpy as np
 
-from .model import BatchRule, Model, logits_view
+from .model import BatchRule, Model, best_tokens, logits_view
 
 log = logging.getLogger(__name__)
 
 DOC_SEQ = 0
+PROBE_TOP = 8  # most likely tokens kept after each probe
 ShouldStop = Callable[[], bool]
 Progress = Callable[[int, int], None]
 
@@ -39,6 +44,8 @@ class DecodeError(RuntimeError):
 class SyncResult:
     reused: int
     fed: int
+    # probe token -> the most likely tokens after it (the greedy one first)
+    probed: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -62,7 +69,7 @@ class Session:
         self.ctx = model.new_context(n_ctx, n_branches + 1)
         self.mem = llama.llama_get_memory(self.ctx)
         self.rows = model.n_ubatch
-        self.batch = llama.llama_batch_init(self.rows, 0, 1)
+        self.batch = llama.llama_batch_init(self.rows, 0, n_branches + 1)
         self.tokens: list[int] = []
         self.logits: np.ndarray | None = None
         self.fed_count = 0  # document tokens decoded, ever (cancelled feeds included)
@@ -89,8 +96,10 @@ class Session:
         target: Sequence[int],
         should_stop: ShouldStop | None = None,
         progress: Progress | None = None,
+        probe: Sequence[int] = (),
     ) -> SyncResult:
-        """Make the session hold ``target`` with its last logits ready."""
+        """Make the session hold ``target`` with its last logits ready. If
+        that takes a decode call, the probe tokens ride in its padding."""
         if not target:
             raise ValueError("a session needs at least one token")
         if len(target) > self.n_ctx:
@@ -113,8 +122,9 @@ class Session:
                 return SyncResult(reused=1 - fed_bos, fed=fed_bos)
             keep -= 1  # the logits of the last token are needed: re-feed it
         self._rewind(keep)
-        fed = self._feed(list(target[keep:]), should_stop, progress)
-        return SyncResult(reused=keep - fed_bos, fed=fed + fed_bos)
+        probed: dict[int, tuple[int, ...]] = {}
+        fed = self._feed(list(target[keep:]), should_stop, progress, probe, probed)
+        return SyncResult(reused=keep - fed_bos, fed=fed + fed_bos, probed=probed)
 
     def _rewind(self, n: int) -> None:
         if n < len(self.tokens):
@@ -125,7 +135,14 @@ class Session:
             del self.tokens[n:]
             self.logits = None
 
-    def _feed(self, tail: list[int], should_stop: ShouldStop | None, progress: Progress | None) -> int:
+    def _feed(
+        self,
+        tail: list[int],
+        should_stop: ShouldStop | None,
+        progress: Progress | None,
+        probe: Sequence[int] = (),
+        probed: dict[int, tuple[int, ...]] | None = None,
+    ) -> int:
         fed = 0
         plan = self.rule.plan(len(tail), self.rows)
         for i, size in enumerate(plan):
@@ -133,28 +150,45 @@ class Session:
                 raise Cancelled()
             chunk = tail[fed : fed + size]
             last = i == len(plan) - 1
-            self._decode_doc(chunk, want_logits=last)
+            self._decode_doc(chunk, want_logits=last, probe=probe if last else (), probed=probed)
             fed += size
             if progress is not None:
                 progress(fed, len(tail))
         return fed
 
-    def _decode_doc(self, chunk: list[int], want_logits: bool) -> None:
+    def _decode_doc(
+        self,
+        chunk: list[int],
+        want_logits: bool,
+        probe: Sequence[int] = (),
+        probed: dict[int, tuple[int, ...]] | None = None,
+    ) -> None:
         start = len(self.tokens)
         n = len(chunk)
         rows = self.rule.padded(n)
+        probe = list(dict.fromkeys(probe))[: min(rows - n, self.n_branches)]
         b = self.batch
-        for i in range(rows):
+        for i in range(n):
+            b.token[i], b.pos[i], b.logits[i] = chunk[i], start + i, want_logits and i == n - 1
+            b.n_seq_id[i] = 1 + len(probe)  # probe sequences see the new tokens too
+            for s in range(1 + len(probe)):
+                b.seq_id[i][s] = DOC_SEQ + s
+        for q, tok in enumerate(probe):  # probe q: branch sequence q + 1, after the chunk
+            llama.llama_memory_seq_cp(self.mem, DOC_SEQ, q + 1, -1, -1)
+            b.token[n + q], b.pos[n + q], b.n_seq_id[n + q], b.logits[n + q] = tok, start + n, 1, True
+            b.seq_id[n + q][0] = q + 1
+        for i in range(n + len(probe), rows):
             # padding rows repeat the last token after the real ones: the
             # causal mask hides them from real rows; they are removed below.
-            b.token[i] = chunk[i] if i < n else chunk[-1]
-            b.pos[i] = start + i
-            b.n_seq_id[i] = 1
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = chunk[-1], start + i, 1, False
             b.seq_id[i][0] = DOC_SEQ
-            b.logits[i] = want_logits and i == n - 1
         b.n_tokens = rows
-        self.decode(rows)
-        if rows > n:
+        try:
+            self.decode(rows)
+        finally:
+            for q in range(len(probe)):
+                llama.llama_memory_seq_rm(self.mem, q + 1, -1, -1)
+        if rows > n + len(probe):
             llama.llama_memory_seq_rm(self.mem, DOC_SEQ, start + n, -1)
         self.tokens.extend(chunk)
         self.fed_count += n
@@ -162,6 +196,9 @@ class Session:
             self.logits = logits_view(self.ctx, n - 1, self.model.n_vocab).copy()
         else:
             self.logits = None
+        if probed is not None:
+            for q, tok in enumerate(probe):
+                probed[tok] = best_tokens(logits_view(self.ctx, n + q, self.model.n_vocab), PROBE_TOP)
 
     def decode(self, rows: int) -> None:
         """Decode the first ``rows`` rows of ``self.batch``."""
