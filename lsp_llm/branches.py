@@ -247,7 +247,11 @@ def extend(
                 br.in_kv = size + m
                 if len(g) > m:  # forget the rejected drafts
                     llama.llama_memory_seq_rm(session.mem, i + 1, n + br.in_kv, -1)
-    finally:
+    except BaseException:
         for i in range(len(branches)):
+            drop_branch(session, i)
+        raise
+    for i, br in enumerate(branches):
+        if br.in_kv:  # only decoded branches hold cells
             drop_branch(session, i)
     return [br.tokens[: br.item] for br in branches[:k]], decoded

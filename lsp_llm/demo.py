@@ -77,13 +77,19 @@ async def run(args: argparse.Namespace) -> int:
             t.ExecuteCommandParams(command="lsp-llm.stats", arguments=[uri]))
         print(f"model ready and file read in {(time.perf_counter() - t0):.2f}s; "
               f"cold completion {cold_ms:.0f} ms ({info['tokens']} tokens before the cursor, "
-              f"fed {info['fed_last']})")
-        print(f"{'key':>5} {'ms':>7} {'decode':>7} {'reused':>7} {'fed':>4}  completions")
+              f"fed {info['fed_total']})")
+        print(f"{'key':>5} {'ms':>7} {'decode':>7} {'reused':>7} {'fed':>4} {'memo':>5}  completions")
+
+        async def decode_ms_total() -> float:
+            st = await client.workspace_execute_command_async(t.ExecuteCommandParams(command="lsp-llm.stats"))
+            return float(st["decode_ms_total"])
+
         times, overheads = [], []
-        version = 1
+        version, fed_total = 1, info["fed_total"]
         for i, ch in enumerate(typed):
             version += 1
             col = indent + i
+            decoded_before = await decode_ms_total()
             client.text_document_did_change(t.DidChangeTextDocumentParams(
                 text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=version),
                 content_changes=[t.TextDocumentContentChangePartial(
@@ -91,17 +97,21 @@ async def run(args: argparse.Namespace) -> int:
             ms, items = await complete(col + 1)
             st = await client.workspace_execute_command_async(
                 t.ExecuteCommandParams(command="lsp-llm.stats", arguments=[uri]))
+            decode = await decode_ms_total() - decoded_before  # the feed on didChange included
+            fed, fed_total = st["fed_total"] - fed_total, st["fed_total"]
             times.append(ms)
-            overheads.append(ms - st["decode_ms"])
+            overheads.append(ms - decode)
             shown = ", ".join(repr(it.label) for it in items[:4])
-            print(f"{ch!r:>5} {ms:7.1f} {st['decode_ms']:7.1f} {st['reused_last']:7d} {st['fed_last']:4d}  {shown}")
+            print(f"{ch!r:>5} {ms:7.1f} {decode:7.1f} {st['reused_last']:7d} {fed:4d} "
+                  f"{st['memo_steps_last']:5d}  {shown}")
         if times:
             p50 = statistics.median(times)
-            over = statistics.median(overheads)
+            decode = sum(times) - sum(overheads)
             print(f"\nkeystrokes: {len(times)}; completion latency p50 {p50:.1f} ms, max {max(times):.1f} ms; "
                   f"cold {cold_ms:.0f} ms ({cold_ms / p50:.0f}x the p50)\n"
-                  f"server overhead (latency minus llama.cpp decode) p50 {over:.1f} ms "
-                  f"({100 * over / (p50 - over):.0f}% of the decode)")
+                  f"server overhead (latency minus llama.cpp decode): p50 {statistics.median(overheads):.1f} ms "
+                  f"a keystroke; {sum(overheads):.0f} ms in all, {100 * sum(overheads) / max(decode, 1e-9):.0f}% "
+                  f"of the {decode:.0f} ms of decode")
         await client.shutdown_async(None)
         client.exit(None)
     finally:

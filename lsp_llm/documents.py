@@ -240,6 +240,15 @@ class DocumentStore:
         if self.vocab is not None:
             self.sink.update(uri, doc.prompt()[0], doc.n_tokens)
 
+    def move_cursor(self, uri: str, offset: int) -> None:
+        """A request at offset: the user is there, so the background prepares
+        that prompt (not, say, the end of a file just opened)."""
+        doc = self.get(uri)
+        if doc.cursor != offset:
+            doc.cursor = offset
+            if self.vocab is not None:
+                self.sink.update(uri, doc.prompt()[0], doc.n_tokens)
+
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is None:
             raise DocumentError(f"didClose for unknown document {uri}")

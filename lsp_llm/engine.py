@@ -132,6 +132,11 @@ class Engine:
         self._thread.join(timeout)
 
     @property
+    def decode_ms_total(self) -> float:
+        """Time spent inside llama_decode since the process started."""
+        return Session.decode_seconds * 1000
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 

@@ -145,6 +145,7 @@ class Server(LanguageServer):
             raise DocumentError("no model is loaded (see the earlier error)")
         doc = self.store.trusted(uri)
         offset = doc.offset(pos.line, pos.character, self.encoding)
+        self.store.move_cursor(uri, offset)
         start = doc.word_start(offset)
         prompt, healed = doc.prompt(offset)
         s = self.settings
@@ -312,6 +313,8 @@ def build(settings: Settings) -> Server:
             "model": ls.model_name,
             "n_ctx": ls.engine.n_ctx,
             "batch_rule": str(ls.engine.model.batch_rule) if ls.engine.model else None,
+            "decode_ms_total": round(ls.engine.decode_ms_total, 3),
+            "memo_steps": len(ls.engine.memo),
             "documents": {u: s.as_dict() for u, s in list(ls.engine.stats.items())},
         }
 

@@ -14,7 +14,7 @@ def test_demo_types_and_completes() -> None:
     assert "cold completion" in out and "keystrokes: 4" in out
     rows = [line for line in out.splitlines() if line.strip().startswith("'")]
     assert len(rows) == 4
-    for row in rows:  # key, ms, decode, reused, fed, items
+    for row in rows:  # key, ms, decode, reused, fed, memo, items
         fields = row.split()
         assert int(fields[4]) <= 4  # a keystroke re-feeds a few tokens
         assert int(fields[3]) > 100  # and reuses the rest

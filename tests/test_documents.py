@@ -90,3 +90,16 @@ def test_word_start(vocab: Vocab) -> None:
     d = Document("u", "x = self.pri", 1, vocab)
     assert d.word_start(len(d.data)) == len(b"x = self.")
     assert d.word_start(len(b"x = ")) == len(b"x = ")
+
+
+def test_a_request_moves_the_cursor_that_the_background_prepares(vocab: Vocab) -> None:
+    sink = Sink()
+    store = DocumentStore(vocab, sink)
+    store.open("u", TEXT, 1)  # the cursor starts at the end of the text
+    doc = store.get("u")
+    assert sink.updates[-1][1] == doc.prompt(len(doc.data))[0]
+    store.move_cursor("u", 5)
+    assert doc.cursor == 5 and sink.updates[-1][1] == doc.prompt(5)[0]
+    n = len(sink.updates)
+    store.move_cursor("u", 5)  # already there: nothing to tell
+    assert len(sink.updates) == n
