@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import llama_cpp as llama
 import numpy as np
 import pytest
 from test_session import BASE, fresh_logits
@@ -42,6 +43,8 @@ def test_branches_leave_the_document_as_it_was(tiny: Model, doc: Session) -> Non
     again, n2 = extend(doc, firsts, long_text, [6] * 4)
     assert first == again and n1 == n2 > 0  # deterministic
     assert doc.tokens == target and np.array_equal(doc.logits, before)
+    # no branch cell is left: the document's next cells follow its last one
+    assert all(llama.llama_memory_seq_pos_max(doc.mem, i) == -1 for i in range(1, 5))
     # the next token after the document is computed as if no branch existed
     doc.sync(target + [firsts[0]])
     assert np.array_equal(doc.logits, fresh_logits(tiny, target + [firsts[0]]))

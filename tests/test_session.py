@@ -3,6 +3,7 @@ bit-identical to a fresh evaluation of the same text (tiny model)."""
 
 from __future__ import annotations
 
+import llama_cpp as llama
 import numpy as np
 import pytest
 import tiny_model
@@ -112,3 +113,23 @@ def test_sync_rejects_targets_longer_than_the_context(tiny: Model) -> None:
     finally:
         s.close()
 
+
+
+def test_probes_in_the_padding_learn_the_next_step_exactly(tiny: Model) -> None:
+    target = tiny.tokenize(BASE.encode(), True)
+    s = Session(tiny, n_ctx=1024, n_branches=4)
+    try:
+        s.sync(target[:-1])
+        probe = [int(t) for t in np.argsort(-fresh_logits(tiny, target))[:3]]
+        r = s.sync(target, probe=probe)  # one token to feed: padding rows are free
+        assert r.fed == 1 and set(r.probed) == set(probe)
+        assert np.array_equal(s.logits, fresh_logits(tiny, target))  # the document is unaffected
+        for tok, best in r.probed.items():
+            after = fresh_logits(tiny, target + [tok])
+            assert best[0] == int(np.argmax(after)) and len(best) > 1
+            assert all(after[a] >= after[b] for a, b in zip(best, best[1:]))
+        # probe rows leave no cells behind
+        assert all(llama.llama_memory_seq_pos_max(s.mem, q) == -1 for q in range(1, 5))
+        assert llama.llama_memory_seq_pos_max(s.mem, 0) == len(target) - 1
+    finally:
+        s.close()
