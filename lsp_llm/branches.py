@@ -2,16 +2,24 @@
 
 Each candidate gets its own sequence in the document's context
 (``llama_memory_seq_cp`` shares the document's cells) and every step decodes
-all growing branches in one canonical batch. Three things keep steps cheap:
+all growing branches in one canonical batch. What keeps steps cheap:
 
 - **the greedy memo**: a step already computed for the same token sequence is
   taken without decoding (typing inside a word asks again for the same
   branches; typing what the line item predicted walks a known path);
 - **drafts in the padding**: a canonical batch has at least ``rule.minimum``
   rows. Rather than throw-away copies, the free rows carry draft tokens from
-  prompt lookup (what followed the same two tokens earlier in the document),
-  and their logits verify the draft, so one call can take several steps;
-- the branches are removed afterwards: the document's sequence is untouched.
+  prompt lookup (what followed the same two tokens, or the last one, earlier
+  in the document), and their logits verify the draft, so one call can take
+  several steps;
+- **spare work** in the rows still free: more first tokens, and every branch
+  on to the end of the line, for the keystrokes to come (it only fills the
+  memo; it never adds a call);
+- on branch 0 (the likeliest path) each step also remembers its top tokens:
+  when the document reaches that point, ``Engine.sync`` probes them.
+
+The branches are removed afterwards: the document's sequence and cells are
+untouched.
 
 Every call has a canonical shape, so each step's logits are those of a fresh
 evaluation of the same tokens: the memo, drafts and batching never change an
@@ -27,7 +35,7 @@ from typing import Any
 import llama_cpp as llama
 import numpy as np
 
-from .greedy import GreedyMemo
+from .greedy import TOP_TOKENS, GreedyMemo
 from .model import best_tokens, logits_view
 from .session import DOC_SEQ, Cancelled, Session, ShouldStop
 
@@ -43,9 +51,6 @@ class Spare:
     max_tokens: int
 
 
-TOP = 8  # top tokens remembered after each step of branch 0 (see Engine.sync)
-
-
 def _argmax(row: Row, logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
@@ -54,7 +59,7 @@ def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
     """The greedy token, and on branch 0 (the likeliest path) the top tokens."""
     if row[0] != 0:
         return int(np.argmax(logits)), ()
-    top = best_tokens(logits, TOP)
+    top = best_tokens(logits, TOP_TOKENS)
     return top[0], top
 
 
@@ -215,10 +220,10 @@ def extend(
                 if index is None or free <= 0:
                     break
                 br = branches[i]
-                room = min(free, br.limit - len(br.tokens) - 1)
-                while room > 0 and not fits(len(rows) + room):
-                    room -= 1
-                guess[i] = index.draft([*session.tokens[-1:], *br.tokens], room)
+                most = min(free, br.limit - len(br.tokens) - 1)
+                while most > 0 and not fits(len(rows) + most):
+                    most -= 1
+                guess[i] = index.draft([*session.tokens[-1:], *br.tokens], most)
                 rows += [(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess[i])]
                 free -= len(guess[i])
             working = list(need)

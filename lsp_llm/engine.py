@@ -235,7 +235,7 @@ class Engine:
                 report(uri, -1, todo)  # done
         if memo is not None and start_key is not None:
             for tok, after in result.probed.items():
-                memo.put(GreedyMemo.key(start_key, [tok]), after[0], after)
+                memo.put(GreedyMemo.key(start_key, [tok]), after[0], after if len(after) > 1 else ())
         st.window_start = start
         st.reused_last, st.fed_last, st.probed_last = result.reused, result.fed, len(result.probed)
         st.syncs += 1

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 Key = bytes
+TOP_TOKENS = 8  # most likely next tokens remembered for some sequences
 
 
 class GreedyMemo:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import llama_cpp as llama
 import numpy as np
 
+from .greedy import TOP_TOKENS
 from .model import BatchRule, Model, best_tokens, logits_view
 
 log = logging.getLogger(__name__)
 
 DOC_SEQ = 0
-PROBE_TOP = 8  # most likely tokens kept after each probe
 ShouldStop = Callable[[], bool]
 Progress = Callable[[int, int], None]
 
@@ -44,7 +44,7 @@ class DecodeError(RuntimeError):
 class SyncResult:
     reused: int
     fed: int
-    # probe token -> the most likely tokens after it (the greedy one first)
+    # probe token -> the greedy token after it, then (for the likeliest) the next likeliest
     probed: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
@@ -198,7 +198,9 @@ class Session:
             self.logits = None
         if probed is not None:
             for q, tok in enumerate(probe):
-                probed[tok] = best_tokens(logits_view(self.ctx, n + q, self.model.n_vocab), PROBE_TOP)
+                logits = logits_view(self.ctx, n + q, self.model.n_vocab)
+                # the likeliest probes also learn their top tokens, for the next probe
+                probed[tok] = best_tokens(logits, TOP_TOKENS) if q < 2 else (int(np.argmax(logits)),)
 
     def decode(self, rows: int) -> None:
         """Decode the first ``rows`` rows of ``self.batch``."""

@@ -9,7 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from lsp_llm.branches import extend
 from lsp_llm.engine import Engine, window
+from lsp_llm.greedy import GreedyMemo
 from lsp_llm.model import Model
 from lsp_llm.session import Cancelled, Session
 
@@ -107,3 +109,19 @@ def test_stop_fails_pending_jobs(tiny: Model) -> None:
     assert not e.alive
     with pytest.raises(RuntimeError):
         pending.result(timeout=5)
+
+
+def test_a_feed_probes_the_likely_next_tokens(engine: Engine, tiny: Model) -> None:
+    prompt = tiny.tokenize(TEXT, True)[:200]
+
+    def steps() -> tuple[int, int]:
+        s = engine.sync("u", prompt)
+        (path,), _ = extend(s, [int(np.argmax(s.logits))], lambda i, t: False, [4], memo=engine.memo)
+        s = engine.sync("u", prompt + path[:1])  # you typed the first predicted token
+        assert engine.stats["u"].probed_last > 1
+        second = engine.memo.top(GreedyMemo.prefix(s.tokens).digest())[1]  # not on the path
+        _, decoded = extend(s, [second], lambda i, t: False, [2], memo=engine.memo)
+        return second, decoded
+
+    second, decoded = engine.submit(steps).result()
+    assert decoded == 0  # its next step came with the feed
