@@ -44,7 +44,7 @@ class DecodeError(RuntimeError):
 class SyncResult:
     reused: int
     fed: int
-    # probe token -> the greedy token after it, then (for the likeliest) the next likeliest
+    # probe token -> the most likely tokens after it (the greedy one first)
     probed: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
@@ -198,9 +198,8 @@ class Session:
             self.logits = None
         if probed is not None:
             for q, tok in enumerate(probe):
-                logits = logits_view(self.ctx, n + q, self.model.n_vocab)
-                # the likeliest probes also learn their top tokens, for the next probe
-                probed[tok] = best_tokens(logits, TOP_TOKENS) if q < 2 else (int(np.argmax(logits)),)
+                # the top tokens too: what to probe when the document gets there
+                probed[tok] = best_tokens(logits_view(self.ctx, n + q, self.model.n_vocab), TOP_TOKENS)
 
     def decode(self, rows: int) -> None:
         """Decode the first ``rows`` rows of ``self.batch``."""
