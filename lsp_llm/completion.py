@@ -93,7 +93,7 @@ def candidates(
     if not prompt:
         return []
     t0, decode0 = time.perf_counter(), Session.decode_seconds
-    session = engine.sync(uri, prompt, cancel.is_set)
+    session = engine.sync(uri, prompt, cancel.is_set, healed)
     t1 = time.perf_counter()
     model = engine.model
     typed = healed

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from lsprotocol import types as t
+from pygls.exceptions import JsonRpcException
 from pygls.lsp.client import LanguageClient
 
 DEFAULT_FILE = Path(sysconfig.get_paths()["stdlib"]) / "sched.py"
@@ -112,11 +113,28 @@ async def run(args: argparse.Namespace) -> int:
                   f"server overhead (latency minus llama.cpp decode): p50 {statistics.median(overheads):.1f} ms "
                   f"a keystroke; {sum(overheads):.0f} ms in all, {100 * sum(overheads) / max(decode, 1e-9):.0f}% "
                   f"of the {decode:.0f} ms of decode")
-        await client.shutdown_async(None)
-        client.exit(None)
+    except JsonRpcException as e:
+        print(f"lsp-llm demo: the server answered with an error: {e}", file=sys.stderr)
+        return 1
     finally:
-        await client.stop()
+        await _stop(client)
     return 0
+
+
+async def _stop(client: LanguageClient) -> None:
+    """Shut the server down; kill it if it does not exit within seconds."""
+    try:
+        await asyncio.wait_for(client.shutdown_async(None), 10)
+        client.exit(None)
+    except Exception as e:  # noqa: BLE001 - the server may already be gone
+        print(f"lsp-llm demo: shutdown failed: {e!r}", file=sys.stderr)
+    server = client._server  # pygls keeps the process here and waits for it in stop()
+    if server is not None:
+        try:
+            await asyncio.wait_for(server.wait(), 10)
+        except asyncio.TimeoutError:
+            server.kill()
+    await client.stop()
 
 
 def main(argv: list[str]) -> int:

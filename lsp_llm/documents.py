@@ -37,7 +37,7 @@ class Vocab:
 
 
 class Sink(Protocol):
-    def update(self, uri: str, target: list[int], doc_tokens: int) -> None: ...
+    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"") -> None: ...
     def forget(self, uri: str) -> None: ...
 
 
@@ -193,7 +193,7 @@ class DocumentStore:
         for uri, doc in list(self.docs.items()):
             self.docs[uri] = fresh = Document(uri, doc.data.decode("utf-8", "surrogatepass"), doc.version, vocab)
             fresh.cursor = doc.cursor
-            self.sink.update(uri, fresh.prompt()[0], fresh.n_tokens)
+            self._tell(uri, fresh)
 
     def get(self, uri: str) -> Document:
         doc = self.docs.get(uri)
@@ -213,7 +213,7 @@ class DocumentStore:
             log.info("%s: opened again; replacing its text", uri)
         doc = self.docs[uri] = Document(uri, text, version, self.vocab)
         if self.vocab is not None:
-            self.sink.update(uri, doc.prompt()[0], doc.n_tokens)
+            self._tell(uri, doc)
 
     def change(self, uri: str, version: int, changes: list[tuple[tuple[int, int, int, int] | None, str]],
                encoding: str) -> None:
@@ -238,7 +238,7 @@ class DocumentStore:
             doc.replace(start, end, text)
         doc.version = version
         if self.vocab is not None:
-            self.sink.update(uri, doc.prompt()[0], doc.n_tokens)
+            self._tell(uri, doc)
 
     def move_cursor(self, uri: str, offset: int) -> None:
         """A request at offset: the user is there, so the background prepares
@@ -247,7 +247,11 @@ class DocumentStore:
         if doc.cursor != offset:
             doc.cursor = offset
             if self.vocab is not None:
-                self.sink.update(uri, doc.prompt()[0], doc.n_tokens)
+                self._tell(uri, doc)
+
+    def _tell(self, uri: str, doc: Document) -> None:
+        prompt, healed = doc.prompt()
+        self.sink.update(uri, prompt, doc.n_tokens, healed)
 
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is None:

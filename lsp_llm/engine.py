@@ -90,6 +90,7 @@ class Engine:
         self.memo = GreedyMemo()  # greedy steps of the current model
         self.on_progress: ProgressFn | None = None
         self._targets: dict[str, list[int]] = {}
+        self._healed: dict[str, bytes] = {}
         self._dirty: OrderedDict[str, None] = OrderedDict()
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -98,9 +99,12 @@ class Engine:
         self._thread.start()
 
     # -- called from any thread ----------------------------------------------
-    def update(self, uri: str, target: list[int], doc_tokens: int) -> None:
+    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"") -> None:
+        """The document's newest prompt, and the text the next completion's
+        first token must start with (it picks what the feed probes)."""
         with self._cond:
             self._targets[uri] = target
+            self._healed[uri] = healed
             self.stats.setdefault(uri, DocStats()).tokens = doc_tokens
             self._dirty[uri] = None
             self._dirty.move_to_end(uri)
@@ -109,6 +113,7 @@ class Engine:
     def forget(self, uri: str) -> None:
         with self._cond:
             self._targets.pop(uri, None)
+            self._healed.pop(uri, None)
             self._dirty.pop(uri, None)
             self.stats.pop(uri, None)
         self.submit(lambda: self._drop(uri))
@@ -206,8 +211,16 @@ class Engine:
         self.sessions[uri] = s
         return s
 
-    def sync(self, uri: str, target: list[int], should_stop: Callable[[], bool] | None = None) -> Session:
-        """Bring the document's session to (the window of) target."""
+    def sync(
+        self,
+        uri: str,
+        target: list[int],
+        should_stop: Callable[[], bool] | None = None,
+        healed: bytes | None = None,
+    ) -> Session:
+        """Bring the document's session to (the window of) target. The feed
+        probes the likely first tokens that start with ``healed`` (default:
+        what the documents said last)."""
         has_bos = bool(self.model.add_bos)
         fitted, start = window(target, self.n_ctx, self.headroom, has_bos)
         s = self.session(uri)
@@ -225,7 +238,10 @@ class Engine:
         # the first tokens most likely asked for next ride in the feed's padding
         memo = self.memo if self.model.batch_rule.exact else None
         start_key = GreedyMemo.prefix(fitted) if memo is not None else None
-        probe = memo.top(start_key.digest()) if memo is not None and start_key is not None else ()
+        probe: list[int] = []
+        if memo is not None and start_key is not None:
+            typed = self._healed.get(uri, b"") if healed is None else healed
+            probe = [t for t in memo.top(start_key.digest()) if self.model.piece(t).startswith(typed)]
         try:
             result: SyncResult = s.sync(fitted, should_stop, progress, probe)
         finally:
@@ -235,7 +251,7 @@ class Engine:
                 report(uri, -1, todo)  # done
         if memo is not None and start_key is not None:
             for tok, after in result.probed.items():
-                memo.put(GreedyMemo.key(start_key, [tok]), after[0], after if len(after) > 1 else ())
+                memo.put(GreedyMemo.key(start_key, [tok]), after[0], after)
         st.window_start = start
         st.reused_last, st.fed_last, st.probed_last = result.reused, result.fed, len(result.probed)
         st.syncs += 1

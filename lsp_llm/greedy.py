@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 Key = bytes
-TOP_TOKENS = 8  # most likely next tokens remembered for some sequences
+TOP_TOKENS = 48  # most likely next tokens remembered for some sequences
 
 
 class GreedyMemo:
@@ -27,7 +27,7 @@ class GreedyMemo:
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
-        self._steps: OrderedDict[Key, tuple[int, tuple[int, ...]]] = OrderedDict()
+        self._steps: OrderedDict[Key, tuple[int, array[int] | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -53,14 +53,15 @@ class GreedyMemo:
         self.hits += 1
         return step[0]
 
-    def top(self, key: Key) -> tuple[int, ...]:
+    def top(self, key: Key) -> Sequence[int]:
         """The most likely next tokens, most likely first (empty if unknown)."""
         step = self._steps.get(key)
-        return step[1] if step is not None else ()
+        return step[1] if step is not None and step[1] is not None else ()
 
-    def put(self, key: Key, token: int, top: tuple[int, ...] = ()) -> None:
+    def put(self, key: Key, token: int, top: Sequence[int] = ()) -> None:
         old = self._steps.get(key)
-        self._steps[key] = (token, top or (old[1] if old is not None else ()))
+        kept = array("i", top) if top else (old[1] if old is not None else None)  # compact: 4 bytes a token
+        self._steps[key] = (token, kept)
         self._steps.move_to_end(key)
         while len(self._steps) > self.capacity:
             self._steps.popitem(last=False)

@@ -24,7 +24,7 @@ from .config import Settings, apply_log_level
 from .default_model import cache_dir, default_model_path
 from .documents import Document, DocumentError, DocumentStore, Vocab
 from .engine import Engine
-from .session import Cancelled
+from .session import Cancelled, DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,9 @@ class Server(LanguageServer):
             raise
         except Cancelled:
             raise asyncio.CancelledError() from None
+        except DecodeError as e:  # the session was reset; the next request feeds it again
+            log.error("%s: %s", uri, e)
+            raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
 
 
 def _load(engine: Engine, s: Settings) -> Any:

@@ -180,7 +180,8 @@ class Session:
         for i in range(n + len(probe), rows):
             # padding rows repeat the last token after the real ones: the
             # causal mask hides them from real rows; they are removed below.
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = chunk[-1], start + i, 1, False
+            pos = start + n + i - (n + len(probe))  # right after the chunk: positions stay continuous
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = chunk[-1], pos, 1, False
             b.seq_id[i][0] = DOC_SEQ
         b.n_tokens = rows
         try:

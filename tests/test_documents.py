@@ -17,13 +17,13 @@ def vocab(tiny: Model) -> Vocab:
 
 class Sink:
     def __init__(self) -> None:
-        self.updates: list[tuple[str, list[int], int]] = []
+        self.updates: list[tuple[str, list[int], int, bytes]] = []
 
-    def update(self, uri: str, target: list[int], doc_tokens: int) -> None:
-        self.updates.append((uri, target, doc_tokens))
+    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"") -> None:
+        self.updates.append((uri, target, doc_tokens, healed))
 
     def forget(self, uri: str) -> None:
-        self.updates.append((uri, [], -1))
+        self.updates.append((uri, [], -1, b""))
 
 
 def test_utf16_positions_count_surrogate_pairs(vocab: Vocab) -> None:
@@ -66,7 +66,7 @@ def test_changes_apply_in_order_and_tokens_follow(vocab: Vocab, tiny: Model) -> 
     assert target[: len(prompt)] == prompt and len(prompt) < len(target)
     assert b"".join(tiny.piece(t) for t in target[len(prompt):]) == healed
     assert healed.endswith(b"pri") and b"=" not in healed  # healing stays inside the word
-    assert sink.updates[-1] == ("u", prompt, len(doc.target()))
+    assert sink.updates[-1] == ("u", prompt, len(doc.target()), healed)
 
 
 def test_bad_changes_are_errors_not_crashes(vocab: Vocab) -> None:

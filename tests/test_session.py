@@ -115,12 +115,13 @@ def test_sync_rejects_targets_longer_than_the_context(tiny: Model) -> None:
 
 
 
-def test_probes_in_the_padding_learn_the_next_step_exactly(tiny: Model) -> None:
+@pytest.mark.parametrize("probes", [1, 3])  # with and without padding rows left over
+def test_probes_in_the_padding_learn_the_next_step_exactly(tiny: Model, probes: int) -> None:
     target = tiny.tokenize(BASE.encode(), True)
     s = Session(tiny, n_ctx=1024, n_branches=4)
     try:
         s.sync(target[:-1])
-        probe = [int(t) for t in np.argsort(-fresh_logits(tiny, target))[:3]]
+        probe = [int(t) for t in np.argsort(-fresh_logits(tiny, target))[:probes]]
         r = s.sync(target, probe=probe)  # one token to feed: padding rows are free
         assert r.fed == 1 and set(r.probed) == set(probe)
         assert np.array_equal(s.logits, fresh_logits(tiny, target))  # the document is unaffected
