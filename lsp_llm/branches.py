@@ -51,10 +51,6 @@ class Spare:
     max_tokens: int
 
 
-def _argmax(row: Row, logits: np.ndarray) -> int:
-    return int(np.argmax(logits))
-
-
 def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
     """The greedy token, and on branch 0 (the likeliest path) the top tokens."""
     if row[0] != 0:
@@ -64,7 +60,7 @@ def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
 
 
 def decode_rows(
-    session: Session, rows: list[Row], n: int, read: Callable[[Row, np.ndarray], Any] = _argmax
+    session: Session, rows: list[Row], n: int, read: Callable[[Row, np.ndarray], Any]
 ) -> dict[tuple[int, int], Any]:
     """Decode branch rows in as few canonical calls as fit; a branch's first
     row (index 0) copies the document sequence into the branch's sequence.
@@ -80,15 +76,8 @@ def decode_rows(
                 llama.llama_memory_seq_cp(session.mem, DOC_SEQ, i + 1, -1, -1)
             b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = token, n + j, 1, want
             b.seq_id[r][0] = i + 1
-        real, total = len(chunk), rule.padded(len(chunk))
         last_i, last_j, last_token, _ = chunk[-1]
-        for r in range(real, total):  # throw-away rows after the last one, as in Session
-            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = last_token, n + last_j + 1 + r - real, 1, False
-            b.seq_id[r][0] = last_i + 1
-        b.n_tokens = total
-        session.decode(total)
-        if total > real:
-            llama.llama_memory_seq_rm(session.mem, last_i + 1, n + last_j + 1, -1)
+        session.decode_padded(len(chunk), last_i + 1, n + last_j + 1, last_token)
         for r, row in enumerate(chunk):
             if row[3]:
                 out[row[:2]] = read(row, logits_view(session.ctx, r, session.model.n_vocab))
@@ -169,6 +158,7 @@ def extend(
     branches = [Branch([t], model.piece(t), min(m, room), None) for t, m in zip(firsts, max_tokens)]
     branches += [Branch([t], model.piece(t), spare_limit, 0) for t in extra]
     prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
+    sparing = spare is not None and memo is not None  # spare work only fills the memo
     index = DraftIndex(session.tokens) if drafts else None
     step = session.rows - session.rows % session.rule.multiple
 
@@ -177,14 +167,14 @@ def extend(
         br = branches[i]
         if br.item is None and (model.is_eog(br.tokens[-1]) or done(i, br.text) or len(br.tokens) >= br.limit):
             br.item = len(br.tokens)
-            if spare is not None and memo is not None:
+            if sparing:
                 br.limit = max(br.limit, spare_limit)
 
     def growing(i: int) -> bool:
         br = branches[i]
         if br.item is None:
             return True
-        return (spare is not None and memo is not None and not model.is_eog(br.tokens[-1])
+        return (sparing and spare is not None and not model.is_eog(br.tokens[-1])
                 and not spare.done(br.text) and len(br.tokens) < br.limit)
 
     def grow(i: int, tok: int) -> None:

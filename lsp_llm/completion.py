@@ -115,7 +115,7 @@ def candidates(
     limits = [WORD_TOKENS] * len(firsts)
     if lines and limits:
         limits[0] = max(line_tokens, WORD_TOKENS)
-    memo = engine.memo if model.batch_rule.exact else None  # exact steps only
+    memo = engine.exact_memo
     hits0 = engine.memo.hits
     # free batch rows extend the next likely first tokens, and every branch
     # to the end of the line, for the keystrokes to come

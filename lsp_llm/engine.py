@@ -137,6 +137,12 @@ class Engine:
         self._thread.join(timeout)
 
     @property
+    def exact_memo(self) -> GreedyMemo | None:
+        """The memo, if this CPU's batch rule is exact (else reuse could
+        change items)."""
+        return self.memo if self.model is not None and self.model.batch_rule.exact else None
+
+    @property
     def decode_ms_total(self) -> float:
         """Time spent inside llama_decode since the process started."""
         return Session.decode_seconds * 1000
@@ -236,7 +242,7 @@ class Engine:
             report(uri, 0, todo)
         fed_before = s.fed_count
         # the first tokens most likely asked for next ride in the feed's padding
-        memo = self.memo if self.model.batch_rule.exact else None
+        memo = self.exact_memo
         start_key = GreedyMemo.prefix(fitted) if memo is not None else None
         probe: list[int] = []
         if memo is not None and start_key is not None:

@@ -177,20 +177,11 @@ class Session:
             llama.llama_memory_seq_cp(self.mem, DOC_SEQ, q + 1, -1, -1)
             b.token[n + q], b.pos[n + q], b.n_seq_id[n + q], b.logits[n + q] = tok, start + n, 1, True
             b.seq_id[n + q][0] = q + 1
-        for i in range(n + len(probe), rows):
-            # padding rows repeat the last token after the real ones: the
-            # causal mask hides them from real rows; they are removed below.
-            pos = start + n + i - (n + len(probe))  # right after the chunk: positions stay continuous
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = chunk[-1], pos, 1, False
-            b.seq_id[i][0] = DOC_SEQ
-        b.n_tokens = rows
         try:
-            self.decode(rows)
+            self.decode_padded(n + len(probe), DOC_SEQ, start + n, chunk[-1])
         finally:
             for q in range(len(probe)):
                 llama.llama_memory_seq_rm(self.mem, q + 1, -1, -1)
-        if rows > n + len(probe):
-            llama.llama_memory_seq_rm(self.mem, DOC_SEQ, start + n, -1)
         self.tokens.extend(chunk)
         self.fed_count += n
         if want_logits:
@@ -201,6 +192,21 @@ class Session:
             for q, tok in enumerate(probe):
                 # the top tokens too: what to probe when the document gets there
                 probed[tok] = best_tokens(logits_view(self.ctx, n + q, self.model.n_vocab), TOP_TOKENS)
+
+    def decode_padded(self, real: int, seq: int, pos: int, token: int) -> None:
+        """Decode the first ``real`` rows of ``self.batch``, padded to the
+        canonical shape with throw-away rows of ``seq`` at ``pos`` on: after
+        that sequence's last row, so the causal mask hides them from real
+        rows and positions stay continuous. They are removed right after."""
+        total = self.rule.padded(real)
+        b = self.batch
+        for r in range(real, total):
+            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = token, pos + r - real, 1, False
+            b.seq_id[r][0] = seq
+        b.n_tokens = total
+        self.decode(total)
+        if total > real:
+            llama.llama_memory_seq_rm(self.mem, seq, pos, -1)
 
     def decode(self, rows: int) -> None:
         """Decode the first ``rows`` rows of ``self.batch``."""
