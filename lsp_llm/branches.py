@@ -36,7 +36,7 @@ import llama_cpp as llama
 import numpy as np
 
 from .greedy import TOP_TOKENS, GreedyMemo
-from .model import best_tokens, logits_view
+from .model import BatchRule, best_tokens, logits_view
 from .session import DOC_SEQ, Cancelled, Session, ShouldStop
 
 Row = tuple[int, int, int, bool]  # (branch, index in the branch, token, wants logits)
@@ -110,6 +110,22 @@ def drop_branch(session: Session, i: int) -> None:
     llama.llama_memory_seq_rm(session.mem, i + 1, -1, -1)
 
 
+def item_limits(max_tokens: Sequence[int], free_cells: int, rule: BatchRule) -> list[int]:
+    """Each item's token limit: its own, cut near a full context so that all
+    items fit the free cells together, padding included. It depends only on
+    the room, never on what else the context holds (spare work, drafts, what
+    the memo skipped), so near a full context the items stay the same
+    whatever the history. The first token of a branch takes no cell until the
+    branch grows, and the last one none at all."""
+    left = free_cells - 1 - (rule.padded(1) - 1)  # a call's padding is at most padded(1) - 1 rows
+    out = []
+    for i, m in enumerate(max_tokens):
+        cells = max(0, min(m - 1, left // (len(max_tokens) - i)))  # a fair share of what is left
+        out.append(1 + cells)
+        left -= cells
+    return out
+
+
 @dataclass
 class Branch:
     tokens: list[int]
@@ -155,7 +171,8 @@ def extend(
     n = len(session.tokens)
     room = session.n_ctx - n - 1
     spare_limit = min(spare.max_tokens, room) if spare is not None else 0
-    branches = [Branch([t], model.piece(t), min(m, room), None) for t, m in zip(firsts, max_tokens)]
+    limits = item_limits(max_tokens, session.n_ctx - n, session.rule)
+    branches = [Branch([t], model.piece(t), m, None) for t, m in zip(firsts, limits)]
     branches += [Branch([t], model.piece(t), spare_limit, 0) for t in extra]
     prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
     sparing = spare is not None and memo is not None  # spare work only fills the memo
@@ -190,6 +207,15 @@ def extend(
         """Whether the context has free cells for rows more rows (with padding)."""
         return n + sum(br.in_kv for br in branches) + session.rule.padded(rows) < session.n_ctx
 
+    def give_way(need: list[int]) -> None:
+        """Free the cells of every branch but the items still growing, and
+        end its spare work: the items' room must not depend on it."""
+        for i, br in enumerate(branches):
+            if i not in need:
+                if br.in_kv:
+                    drop_branch(session, i)
+                br.in_kv, br.limit = 0, len(br.tokens)
+
     try:
         while True:
             if memo is not None and prefix is not None:
@@ -202,7 +228,9 @@ def extend(
             if should_stop is not None and should_stop():
                 raise Cancelled()
             rows = [row for i in need for row in _pending(i, branches[i])]
-            if not fits(len(rows)):  # the context is full: the items stop here
+            if not fits(len(rows)):
+                give_way(need)  # the item limits leave room for the items alone
+            if not fits(len(rows)):  # cannot happen (item_limits); a safeguard
                 break
             guess: dict[int, list[int]] = {}
             free = session.rule.padded(len(rows)) - len(rows) if len(rows) <= step else 0

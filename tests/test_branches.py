@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_session import BASE, fresh_logits
 
-from lsp_llm.branches import DraftIndex, extend
+from lsp_llm.branches import DraftIndex, Spare, extend
 from lsp_llm.greedy import GreedyMemo
 from lsp_llm.model import Model
 from lsp_llm.session import Session
@@ -97,5 +97,21 @@ def test_branches_stop_when_the_context_is_full(tiny: Model) -> None:
         paths, decoded = extend(s, top(s, 4), never, [20] * 4, memo=GreedyMemo())
         assert decoded > 0 and all(1 <= len(p) < 20 for p in paths)
         assert s.tokens == target and np.array_equal(s.logits, fresh_logits(tiny, target))
+    finally:
+        s.close()
+
+
+def test_items_near_a_full_context_do_not_depend_on_spare_work_or_the_memo(tiny: Model) -> None:
+    s = Session(tiny, n_ctx=256, n_branches=8)  # llama.cpp rounds contexts up to 256 cells
+    try:
+        s.sync(tiny.tokenize((BASE * 3).encode(), True)[:216])
+        firsts, extra = top(s, 8)[:3], top(s, 8)[3:]
+        plain, _ = extend(s, firsts, never, [20] * 3, drafts=False)
+        memo, spare = GreedyMemo(), Spare(extra, lambda text: False, 20)
+        cold, _ = extend(s, firsts, never, [20] * 3, memo=memo, spare=spare)
+        warm, _ = extend(s, firsts, never, [20] * 3, memo=memo, spare=spare)  # steps from the memo
+        assert plain == cold == warm
+        assert all(1 < len(p) < 20 for p in plain)  # the context, not the limit, stopped them
+        assert all(llama.llama_memory_seq_pos_max(s.mem, i) == -1 for i in range(1, 9))
     finally:
         s.close()
