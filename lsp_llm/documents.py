@@ -13,6 +13,7 @@ import re
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 from .tokens import Piece, Tokenize, TokenMirror
@@ -41,20 +42,37 @@ class Sink(Protocol):
     def forget(self, uri: str) -> None: ...
 
 
-class Encoding:
+class Encoding(str, Enum):
+    """The unit of an LSP position's ``character``: the one home of position
+    units. Values are the LSP ``PositionEncodingKind`` strings."""
+
     UTF8 = "utf-8"
     UTF16 = "utf-16"
     UTF32 = "utf-32"
 
+    @classmethod
+    def of(cls, kind: object) -> Encoding:
+        """The encoding an LSP ``PositionEncodingKind`` (or its string) names;
+        None means the LSP default, UTF-16. Anything else is refused."""
+        if kind is None:
+            return cls.UTF16
+        value = kind.value if isinstance(kind, Enum) else kind
+        try:
+            return cls(value)
+        except ValueError:
+            raise DocumentError(f"unsupported position encoding {value!r}") from None
 
-def _units(text: str, encoding: str) -> list[int]:
+
+def _units(text: str, encoding: Encoding) -> list[int]:
     """Cumulative code-unit offsets of each code point boundary in text."""
-    if encoding == Encoding.UTF16:
+    if encoding is Encoding.UTF16:
         sizes = (2 if ord(c) > 0xFFFF else 1 for c in text)
-    elif encoding == Encoding.UTF8:
+    elif encoding is Encoding.UTF8:
         sizes = (len(c.encode("utf-8", "surrogatepass")) for c in text)
-    else:
+    elif encoding is Encoding.UTF32:
         sizes = (1 for _ in text)
+    else:
+        raise DocumentError(f"unsupported position encoding {encoding!r}")
     out = [0]
     for s in sizes:
         out.append(out[-1] + s)
@@ -77,7 +95,7 @@ class Document:
         self.line_starts = [0] + [m.end() for m in _LINE_BREAK.finditer(self.data)]
 
     # -- positions ------------------------------------------------------------
-    def offset(self, line: int, character: int, encoding: str) -> int:
+    def offset(self, line: int, character: int, encoding: Encoding) -> int:
         """Byte offset of an LSP position. Past the end of a line means the
         line's end; past the last line means the end of the document (LSP)."""
         if line < 0 or character < 0:
@@ -88,7 +106,7 @@ class Document:
         end = self.line_starts[line + 1] if line + 1 < len(self.line_starts) else len(self.data)
         raw = self.data[start:end]
         content = raw.rstrip(b"\r\n")
-        if encoding == Encoding.UTF8:
+        if encoding is Encoding.UTF8:
             col = min(character, len(content))
             while col > 0 and col < len(content) and (content[col] & 0xC0) == 0x80:
                 col -= 1  # inside a multi-byte character: snap to its start
@@ -102,12 +120,12 @@ class Document:
             log.warning("%s: position (%d, %d) splits a character; using its start", self.uri, line, character)
         return start + len(_encode(text[:lo]))
 
-    def position(self, offset: int, encoding: str) -> tuple[int, int]:
+    def position(self, offset: int, encoding: Encoding) -> tuple[int, int]:
         offset = max(0, min(offset, len(self.data)))
         line = bisect_right(self.line_starts, offset) - 1
         start = self.line_starts[line]
         prefix = self.data[start:offset]
-        if encoding == Encoding.UTF8:
+        if encoding is Encoding.UTF8:
             return line, len(prefix)
         text = prefix.decode("utf-8", "surrogateescape")
         return line, _units(text, encoding)[-1]
@@ -216,7 +234,7 @@ class DocumentStore:
             self._tell(uri, doc)
 
     def change(self, uri: str, version: int, changes: list[tuple[tuple[int, int, int, int] | None, str]],
-               encoding: str) -> None:
+               encoding: Encoding) -> None:
         """Apply content changes in order; a None range replaces everything."""
         doc = self.get(uri)
         if version is not None and version <= doc.version:

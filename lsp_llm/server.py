@@ -22,7 +22,7 @@ from . import __version__
 from .completion import Candidate, candidates
 from .config import Settings, apply_log_level
 from .default_model import cache_dir, default_model_path
-from .documents import Document, DocumentError, DocumentStore, Vocab
+from .documents import Document, DocumentError, DocumentStore, Encoding, Vocab
 from .engine import Engine
 from .session import Cancelled, DecodeError
 
@@ -98,8 +98,10 @@ class Server(LanguageServer):
         self.engine.on_progress = self._progress.from_engine
 
     @property
-    def encoding(self) -> str:
-        return str(self.workspace.position_encoding or t.PositionEncodingKind.Utf16)
+    def encoding(self) -> Encoding:
+        """The position encoding negotiated at initialize (pygls picks the
+        client's first supported one; we put UTF-8 first when offered)."""
+        return Encoding.of(self.workspace.position_encoding)
 
     def tell(self, kind: t.MessageType, text: str) -> None:
         (log.error if kind == t.MessageType.Error else log.warning)(text)
@@ -336,7 +338,7 @@ def _guard(fn: Any) -> None:
         log.warning("%s", e)
 
 
-def _pos(doc: Document, offset: int, enc: str) -> t.Position:
+def _pos(doc: Document, offset: int, enc: Encoding) -> t.Position:
     line, ch = doc.position(offset, enc)
     return t.Position(line=line, character=ch)
 

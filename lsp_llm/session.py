@@ -14,6 +14,7 @@ after it in the same call (see ``Engine.sync``).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from .model import BatchRule, Model, best_tokens, logits_view
 log = logging.getLogger(__name__)
 
 DOC_SEQ = 0
+LOGITS_KEPT = 4  # tips whose logits a session remembers (BOS's is kept besides)
 ShouldStop = Callable[[], bool]
 Progress = Callable[[int, int], None]
 
@@ -48,6 +50,21 @@ class SyncResult:
     probed: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
+@dataclass
+class SavedState:
+    """A document sequence kept in host memory while its context serves
+    another document: its tokens, the KV cells (``llama_state_seq_get_data``)
+    and the logits it remembers. Restoring it is a copy, not a re-read."""
+
+    tokens: list[int]
+    kv: ctypes.Array
+    logits_at: dict[int, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.kv) + sum(a.nbytes for a in self.logits_at.values())
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -61,6 +78,7 @@ class Session:
     while extending completion candidates."""
 
     decode_seconds = 0.0  # time inside llama_decode, all sessions (engine thread only)
+    decoded_rows = 0  # rows decoded, padding included, all sessions (engine thread only)
 
     def __init__(self, model: Model, n_ctx: int, n_branches: int) -> None:
         self.model = model
@@ -73,7 +91,9 @@ class Session:
         self.tokens: list[int] = []
         self.logits: np.ndarray | None = None
         self.fed_count = 0  # document tokens decoded, ever (cancelled feeds included)
-        self._bos_logits: np.ndarray | None = None
+        # logits after tokens[:n], for a few n (BOS, recent tips): syncing
+        # back to such a prefix (a backspace, a guess that missed) is free
+        self._logits_at: dict[int, np.ndarray] = {}
 
     @property
     def rule(self) -> BatchRule:
@@ -89,6 +109,29 @@ class Session:
         llama.llama_memory_clear(self.mem, True)
         self.tokens = []
         self.logits = None
+        self._logits_at = {}
+
+    def save(self) -> SavedState:
+        """The document sequence as host memory (see ``SavedState``)."""
+        size = llama.llama_state_seq_get_size(self.ctx, DOC_SEQ)
+        kv = (ctypes.c_uint8 * size)()
+        if llama.llama_state_seq_get_data(self.ctx, kv, size, DOC_SEQ) != size:
+            raise DecodeError("llama.cpp could not save the sequence")
+        return SavedState(list(self.tokens), kv, dict(self._logits_at))
+
+    def restore(self, state: SavedState) -> bool:
+        """Hold a saved sequence again (the context is cleared first, so its
+        cells are laid out from 0 as in a fresh run)."""
+        self.reset()
+        if not state.tokens:
+            return True
+        if llama.llama_state_seq_set_data(self.ctx, state.kv, len(state.kv), DOC_SEQ) != len(state.kv):
+            self.reset()
+            return False
+        self.tokens = list(state.tokens)
+        self._logits_at = dict(state.logits_at)
+        self.logits = self._logits_at.get(len(self.tokens))
+        return True
 
     # -- the document sequence ---------------------------------------------
     def sync(
@@ -107,19 +150,19 @@ class Session:
         bos = self.model.bos if self.model.add_bos else None
         fed_bos = 0
         if bos is not None and target[0] == bos and not self.tokens:
-            # BOS goes alone so its logits can be cached: the session then
+            # BOS goes alone so its logits are remembered: the session then
             # never has to rewind past it.
             self._decode_doc([bos], want_logits=True)
-            self._bos_logits = self.logits
             fed_bos = 1
         keep = common_prefix(self.tokens, target)
         if keep == len(target):  # target is a prefix of what we hold
             if keep == len(self.tokens) and self.logits is not None:
                 return SyncResult(reused=keep - fed_bos, fed=fed_bos)
-            if keep == 1 and target[0] == bos and self._bos_logits is not None:
-                self._rewind(1)
-                self.logits = self._bos_logits
-                return SyncResult(reused=1 - fed_bos, fed=fed_bos)
+            remembered = self._logits_at.get(keep)
+            if remembered is not None:
+                self._rewind(keep)
+                self.logits = remembered
+                return SyncResult(reused=keep - fed_bos, fed=fed_bos)
             keep -= 1  # the logits of the last token are needed: re-feed it
         self._rewind(keep)
         probed: dict[int, tuple[int, ...]] = {}
@@ -134,6 +177,15 @@ class Session:
                 raise DecodeError("llama.cpp refused to remove tokens from the sequence")
             del self.tokens[n:]
             self.logits = None
+            self._logits_at = {k: v for k, v in self._logits_at.items() if k <= n}
+
+    def _remember(self) -> None:
+        """Keep the logits of the current tip (and BOS's, and a few more)."""
+        assert self.logits is not None
+        self._logits_at[len(self.tokens)] = self.logits
+        extra = sorted(k for k in self._logits_at if k > 1)
+        for k in extra[: max(0, len(extra) - LOGITS_KEPT)]:
+            del self._logits_at[k]
 
     def _feed(
         self,
@@ -186,6 +238,7 @@ class Session:
         self.fed_count += n
         if want_logits:
             self.logits = logits_view(self.ctx, n - 1, self.model.n_vocab).copy()
+            self._remember()
         else:
             self.logits = None
         if probed is not None:
@@ -213,6 +266,7 @@ class Session:
         t = time.perf_counter()
         rc = llama.llama_decode(self.ctx, self.batch)
         Session.decode_seconds += time.perf_counter() - t
+        Session.decoded_rows += rows
         if rc != 0:
             # the cache may now be partly written: start over next time
             self.reset()
