@@ -6,8 +6,11 @@ required editor fails the test instead: CI must not pass by skipping.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +69,57 @@ def find_tool(name: str, *candidates: Path | str) -> str | None:
     if near.exists():
         return str(near)
     return shutil.which(name)
+
+
+# Accept-by-word takes this much of a suggestion (the editors implement the same rule): leading
+# blanks plus one identifier, or plus one run of other non-blank characters; a line break with
+# the next line's indentation is a word of its own.
+FIRST_WORD = re.compile(r"\r?\n[ \t]*|[ \t]*\w+|[ \t]*[^\w\s]+|[ \t]+")
+
+
+def first_word(text: str) -> str:
+    m = FIRST_WORD.match(text)
+    return m.group(0) if m else text
+
+
+def inline_completion(text: str, line: int, character: int, uri: str = "file:///tmp/proj/hello.py") -> list[dict]:
+    """textDocument/inlineCompletion asked directly of a fresh server (stdio, plain JSON-RPC) for
+    `text` at (line, character) (UTF-16): what an editor should show there. The server is
+    deterministic, so an editor's server answers the same for the same text."""
+    proc = subprocess.Popen(server_cmd(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdin and proc.stdout
+
+    def send(msg: dict) -> None:
+        body = json.dumps({"jsonrpc": "2.0", **msg}).encode()
+        proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        proc.stdin.flush()
+
+    def answer(msg_id: int) -> dict:
+        while True:
+            length = 0
+            while (header := proc.stdout.readline().strip()) != b"":
+                if header.lower().startswith(b"content-length:"):
+                    length = int(header.split(b":")[1])
+            msg = json.loads(proc.stdout.read(length))
+            if msg.get("id") == msg_id and "method" not in msg:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    try:
+        send({"id": 1, "method": "initialize", "params": {"processId": None, "rootUri": None, "capabilities": {}}})
+        answer(1)
+        send({"method": "initialized", "params": {}})
+        send({"method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": uri, "languageId": "python", "version": 1, "text": text}}})
+        send({"id": 2, "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": uri}, "position": {"line": line, "character": character},
+            "context": {"triggerKind": 1}}})
+        result = answer(2)
+        send({"id": 3, "method": "shutdown"})
+        answer(3)
+        send({"method": "exit"})
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return result["items"] if isinstance(result, dict) else (result or [])

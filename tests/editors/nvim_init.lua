@@ -6,10 +6,11 @@ vim.opt.swapfile = false
 vim.opt.shada = ''
 
 -- The documented minimal setup (README), with the server command the test chose.
-require('lsp_llm').setup({
+-- LSP_LLM_SETUP (JSON, optional): more setup options, e.g. {"popup": false}.
+require('lsp_llm').setup(vim.tbl_deep_extend('force', {
   cmd = vim.json.decode((assert(vim.env.LSP_LLM_CMD, 'LSP_LLM_CMD not set'))),
   settings = { items = 5, logLevel = 'info' },
-})
+}, vim.json.decode(vim.env.LSP_LLM_SETUP or '{}')))
 
 -- Test helper: evaluate hex-encoded Lua, return the result as JSON (for --remote-expr).
 function _G.T_eval(hex)

@@ -3,14 +3,16 @@ through vim.lsp.completion's autotrigger popup menu, accept it with <C-y>, check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from editor_helpers import EDITORS, EXPECTED, REPO, TYPED, find_tool, missing, server_cmd
+from editor_helpers import EDITORS, EXPECTED, REPO, TYPED, find_tool, first_word, missing, server_cmd
 
 HERE = Path(__file__).parent
 
@@ -68,8 +70,9 @@ class Nvim:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last}")
 
 
-@pytest.fixture
-def nvim(sample_project: Path, tmp_path: Path):
+@contextlib.contextmanager
+def start_nvim(sample_project: Path, tmp_path: Path, setup: dict | None = None) -> Iterator[Nvim]:
+    """Neovim on the sample file with our plugin; `setup`: more options for setup{}."""
     exe = nvim_binary()
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     major_minor = tuple(int(x) for x in version.split()[1].lstrip("v").split(".")[:2])
@@ -83,6 +86,7 @@ def nvim(sample_project: Path, tmp_path: Path):
         XDG_STATE_HOME=str(tmp_path / "state"),
         XDG_DATA_HOME=str(tmp_path / "data"),
         XDG_CONFIG_HOME=str(tmp_path / "config"),
+        LSP_LLM_SETUP=json.dumps(setup or {}),
     )  # XDG_CACHE_HOME kept: the server's model cache
     proc = subprocess.Popen(
         [
@@ -115,6 +119,12 @@ def nvim(sample_project: Path, tmp_path: Path):
             print("---- nvim lsp.log (tail) ----\n" + log.read_text()[-4000:])
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def nvim(sample_project: Path, tmp_path: Path):
+    with start_nvim(sample_project, tmp_path) as n:
+        yield n
 
 
 def test_nvim_plugin_files_present():
@@ -210,3 +220,128 @@ def test_nvim_restart_command(nvim: Nvim):
     # Completion is enabled again for the buffer with the new client (LspAttach ran again).
     stats = nvim.lua("return (require('lsp_llm').stats(0, true))")
     assert stats["model"], stats
+
+
+# Ghost text (lua/lsp_llm/inline.lua): what the plugin shows, read back from the buffer.
+GHOST = """
+local inline = require('lsp_llm.inline')
+local g = inline.get(0)
+local ns = vim.api.nvim_get_namespaces().lsp_llm_inline
+local marks = vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true })
+local shown = {}
+for _, m in ipairs(marks) do
+  local d = m[4]
+  table.insert(shown, { row = m[2], col = m[3],
+    inline = d.virt_text and d.virt_text[1][1] or '', lines = vim.tbl_map(function(l) return l[1][1] end, d.virt_lines or {}),
+    hl = d.virt_text and d.virt_text[1][2] or (d.virt_lines and d.virt_lines[1][1][2]) })
+end
+local cur = vim.api.nvim_win_get_cursor(0)
+return { done = g ~= nil and #marks > 0 and (not WANT_PUM or vim.fn.pumvisible() == 1),
+  text = g and g.text, item = g and g.item, end_row = g and g.end_row, end_col = g and g.end_col,
+  shown = shown, pum = vim.fn.pumvisible(), mode = vim.api.nvim_get_mode().mode,
+  row = cur[1] - 1, col = cur[2], lines = vim.api.nvim_buf_get_lines(0, 0, -1, false) }
+"""
+
+# The same request made directly on the editor's client, at the cursor: the item to compare with.
+DIRECT = """
+local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1]
+local p = vim.lsp.util.make_position_params(0, c.offset_encoding)
+p.context = { triggerKind = 1 }
+local r = assert(c:request_sync('textDocument/inlineCompletion', p, 20000, 0))
+local items = r.result and (r.result.items or r.result) or {}
+return items[1] or vim.NIL
+"""
+
+
+def wait_ready(nvim: Nvim) -> None:
+    nvim.wait(
+        "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1]; return c and c.initialized or false",
+        timeout=60,
+        what="lsp_llm client to initialize",
+    )
+
+
+def type_and_wait_ghost(nvim: Nvim, start: str, typed: str, want_pum: bool) -> dict:
+    """Normal-mode keys `start` (opening a line), then `typed` key by key; wait for ghost text."""
+    nvim.send(start)
+    for ch in typed:
+        time.sleep(0.15)
+        nvim.send(ch)
+    t0 = time.monotonic()
+    g = nvim.wait(f"WANT_PUM = {'true' if want_pum else 'false'}" + GHOST, timeout=30, what="ghost text")
+    print(f"ghost text after {time.monotonic() - t0:.2f}s: {g['text']!r} (popup menu: {g['pum']})")
+    assert g["mode"].startswith("i")
+    assert g["text"].strip(), g  # non-empty, not only blanks
+    # Shown as typed, in our highlight group: the first line inline at the cursor, the rest below.
+    first, *rest = g["text"].split("\n")
+    assert g["shown"] == [{"row": g["row"], "col": g["col"], "inline": first, "lines": rest, "hl": "LspLlmGhostText"}]
+    return g
+
+
+def with_inserted(g: dict, text: str) -> list[str]:
+    """The buffer g was shown in, with `text` put at the cursor in place of the item's range."""
+    lines = g["lines"]
+    assert g["end_row"] == g["row"], g  # items end on the cursor's line (empty, or the rest of it)
+    line = lines[g["row"]]
+    new = line[: g["col"]] + text + line[g["end_col"] :]
+    return lines[: g["row"]] + new.split("\n") + lines[g["row"] + 1 :]
+
+
+def test_nvim_ghost_text_accept_dismiss_accept_word(nvim: Nvim):
+    t0 = time.monotonic()
+    wait_ready(nvim)
+
+    # 1. Ghost text appears beside the popup menu; <Tab> accepts it whole.
+    g = type_and_wait_ghost(nvim, "6Go", TYPED, want_pum=True)
+    direct = nvim.lua(DIRECT)
+    assert direct and direct["insertText"] == g["item"]["insertText"], (direct, g["item"])
+    assert direct["insertText"].endswith(g["text"])  # what was typed in the item's range is not shown again
+    nvim.send("<Tab>")
+    after = nvim.wait(
+        "return vim.fn.pumvisible() == 0 and vim.api.nvim_buf_get_lines(0, 0, -1, false)", 10, "the accepted text"
+    )
+    assert after == with_inserted(g, g["text"]), after
+    cursor = nvim.lua("local c = vim.api.nvim_win_get_cursor(0); return { c[1] - 1, c[2] }")
+    assert cursor == [g["row"], g["col"] + len(g["text"])]  # after the inserted text (one line here)
+
+    # 2. <C-]> dismisses it: the buffer stays as typed, and it does not come back by itself.
+    g = type_and_wait_ghost(nvim, "<Esc>o", TYPED, want_pum=False)
+    nvim.send("<C-]>")
+    time.sleep(0.8)
+    now = nvim.lua("WANT_PUM = false" + GHOST)
+    assert now["shown"] == [] and now.get("text") is None, now
+    assert now["lines"] == g["lines"] and now["mode"].startswith("i")
+
+    # 3. <C-Right> accepts one word; the rest stays shown.
+    g = type_and_wait_ghost(nvim, "<Esc>o", TYPED, want_pum=False)
+    word = first_word(g["text"])
+    nvim.send("<C-Right>")
+    time.sleep(0.3)
+    now = nvim.lua("WANT_PUM = false" + GHOST)
+    assert now["lines"] == with_inserted(g, word), (word, now["lines"])
+    rest = g["text"][len(word) :]
+    assert now.get("text") == (rest or None), now
+    if rest:  # e.g. "nt(message)": "nt" accepted, "(message)" still shown
+        assert now["shown"][0]["inline"] == rest.split("\n")[0]
+        nvim.send("<Tab>")
+        after = nvim.wait("return vim.api.nvim_buf_get_lines(0, 0, -1, false)", 10, "the buffer")
+        assert after == with_inserted(g, g["text"])
+    print(f"total {time.monotonic() - t0:.1f}s")
+
+
+def test_nvim_ghost_text_and_popup_switch_off(sample_project: Path, tmp_path: Path):
+    with start_nvim(sample_project, tmp_path, setup={"popup": False}) as nvim:
+        wait_ready(nvim)
+        # popup = false: ghost text, and never a menu.
+        g = type_and_wait_ghost(nvim, "6Go", TYPED, want_pum=False)
+        assert g["pum"] == 0
+        assert nvim.lua("return vim.bo.completeopt") != "menu,menuone,noinsert,popup"
+        # :LspLlmGhost off: typing shows nothing any more.
+        nvim.send("<Esc>:LspLlmGhost off<CR>o")
+        for ch in TYPED:
+            time.sleep(0.15)
+            nvim.send(ch)
+        time.sleep(2.0)
+        now = nvim.lua("WANT_PUM = false" + GHOST)
+        assert now["shown"] == [] and now["pum"] == 0, now
+        assert now["lines"][g["row"] + 1].strip() == TYPED

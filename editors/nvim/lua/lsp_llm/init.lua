@@ -5,8 +5,10 @@
 --   }
 --
 -- setup() registers the `lsp_llm` config (lsp/lsp_llm.lua) with vim.lsp.config, enables it,
--- and, when the client attaches, turns on vim.lsp.completion with autotrigger for it.
+-- and, when the client attaches, turns on vim.lsp.completion with autotrigger for it (the
+-- popup menu items) and ghost text (lsp_llm.inline: textDocument/inlineCompletion).
 local M = {}
+local inline = require('lsp_llm.inline')
 
 ---@class lsp_llm.Options
 M.defaults = {
@@ -27,6 +29,11 @@ M.defaults = {
   completeopt = 'menu,menuone,noinsert,popup',
   --- Call vim.lsp.enable('lsp_llm').
   enable = true,
+  --- Completion items in the popup menu (vim.lsp.completion); false: ghost text only.
+  popup = true,
+  --- Ghost text (see lua/lsp_llm/inline.lua for every option); false: popup items only.
+  ---@type lsp_llm.InlineOptions|false
+  inline = {},
 }
 
 local WORD_CHARS = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_'
@@ -111,6 +118,11 @@ end
 function M.setup(opts)
   opts = vim.tbl_deep_extend('force', vim.deepcopy(M.defaults), opts or {})
   M.options = opts
+  if opts.inline == false then
+    inline.setup({ enabled = false })
+  else
+    inline.setup(opts.inline)
+  end
 
   local cfg = {
     init_options = next(opts.settings) and opts.settings or vim.empty_dict(),
@@ -132,13 +144,16 @@ function M.setup(opts)
       if not client or client.name ~= 'lsp_llm' then
         return
       end
-      if opts.autotrigger and opts.trigger_on_word then
-        add_word_triggers(client)
+      if opts.popup then
+        if opts.autotrigger and opts.trigger_on_word then
+          add_word_triggers(client)
+        end
+        if opts.completeopt then
+          vim.bo[args.buf].completeopt = opts.completeopt
+        end
+        vim.lsp.completion.enable(true, client.id, args.buf, { autotrigger = opts.autotrigger })
       end
-      if opts.completeopt then
-        vim.bo[args.buf].completeopt = opts.completeopt
-      end
-      vim.lsp.completion.enable(true, client.id, args.buf, { autotrigger = opts.autotrigger })
+      inline.attach(args.buf)
     end,
   })
 
@@ -151,6 +166,9 @@ function M.setup(opts)
     end
   end, { bang = true, desc = 'lsp-llm: show stats for this buffer (! = all documents)' })
   vim.api.nvim_create_user_command('LspLlmRestart', M.restart, { desc = 'lsp-llm: restart the server' })
+  vim.api.nvim_create_user_command('LspLlmGhost', function(a)
+    inline.enable(a.args ~= 'off')
+  end, { nargs = '?', complete = function() return { 'on', 'off' } end, desc = 'lsp-llm: ghost text on/off' })
 
   if opts.enable then
     vim.lsp.enable('lsp_llm')
