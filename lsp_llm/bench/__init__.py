@@ -1,10 +1,25 @@
 """``lsp-llm bench``: replay seeded editing sessions on real source files
-against lsp-llm, its peers and the physical floor; write results.json, a
-Markdown table and a PNG plot.
+against lsp-llm, its peers and the physical floor; measure suggestion
+quality; write results.json, a Markdown report and a PNG plot.
 
-    lsp-llm bench --quick                  # < 3 minutes on 2 cores
-    lsp-llm bench                          # the full run (see --help)
-    lsp-llm bench --readme README.md       # and refresh the README's table/plot
+Sections (all by default; --pace and --quality choose):
+
+* ``--pace typing``: keystrokes at a human pace (seeded pauses of 120-250 ms,
+  400-900 ms at a new line, 1-2 s at a file switch), every engine on the same
+  clock: a 3-file trace and an 8-file switching trace (p50/p90/p99, answers
+  without a decode, CPU per keystroke, peak RSS, switch-back latency), and the
+  server's RSS with 1, 4 and 8 documents open;
+* ``--pace back-to-back``: the stress case, each keystroke as soon as the last
+  one was answered (3 files, and a size sweep);
+* ``--quality``: inline suggestions (``textDocument/inlineCompletion``) at
+  seeded cut points of stdlib files no test uses: next-line exact match, edit
+  similarity, characters a simulated user saves; against llama-cpp-python's
+  ``create_completion`` (and llama-server ``/infill`` when installed).
+
+    lsp-llm bench --quick                   # every section, small (see --help for times)
+    lsp-llm bench --quick --pace typing     # the typing-pace section only, small
+    lsp-llm bench --quick --quality         # the quality section only, small
+    lsp-llm bench --readme README.md        # the full run; refresh the README's block and plot
 
 Each engine runs each trace in a process of its own (``worker.py``).
 """
@@ -21,23 +36,29 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import report, traces
+from . import memory, quality, report, traces, typing_section
 from .engines import ENGINES, RawModel, Settings, find_llama_server
 
 QUICK = {"doc_tokens": 500, "keystrokes": 50, "sizes": [500, 2000], "sweep_keystrokes": 15,
-         "naive_samples": 2, "n_ctx": 3072}
+         "naive_samples": 2, "n_ctx": 3072,
+         "pace_keystrokes": 40, "switch_doc_tokens": 400, "switch_keystrokes": 40, "switch_every": 6,
+         "memory_tokens": 1000, "quality_files": 2, "quality_cuts": 4, "quality_chars": 24}
 FULL = {"doc_tokens": 2000, "keystrokes": 300, "sizes": [500, 2000, 4000, 8000], "sweep_keystrokes": 60,
-        "naive_samples": 8, "n_ctx": 10240}
+        "naive_samples": 8, "n_ctx": 10240,
+        "pace_keystrokes": 200, "switch_doc_tokens": 2000, "switch_keystrokes": 160, "switch_every": 8,
+        "memory_tokens": 2000, "quality_files": 4, "quality_cuts": 10, "quality_chars": 40}
+PACE_N_CTX = 4096  # the server's default: typing-pace runs and the memory table use it
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lsp-llm bench",
-        description="Replay seeded editing sessions on real files against lsp-llm, naive re-evaluation, "
-        "llama-cpp-python's prefix cache, llama-server cache_prompt and the decode floor.",
+        description="Replay seeded editing sessions on real files, at a human typing pace and back to back, "
+        "against lsp-llm, naive re-evaluation, llama-cpp-python's prefix cache, llama-server cache_prompt and "
+        "the decode floor; measure the quality of inline suggestions. Full run: about 60 minutes on 2 idle cores.",
     )
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
     p.add_argument("--out", default="bench-results", help="output directory (default: bench-results/)")
@@ -47,7 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engines", default=",".join(ENGINES),
                    help=f"comma-separated subset of {','.join(ENGINES)} (default: all)")
-    p.add_argument("--quick", action="store_true", help="a small run that finishes in under 3 minutes on 2 cores")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes: --pace typing about 4 minutes on 2 idle cores, --pace back-to-back about 3, "
+                   "--quality about 2; all three about 9")
+    p.add_argument("--pace", choices=["typing", "back-to-back"],
+                   help="run only this latency section: keystrokes at a human pace (and the memory table), "
+                   "or back to back (the stress case); default: both, and --quality")
+    p.add_argument("--quality", action="store_true",
+                   help="run the quality section (alone, unless --pace is given too)")
+    p.add_argument("--pace-keystrokes", type=int, help="keystrokes in the 3-file trace at typing pace")
+    p.add_argument("--switch-keystrokes", type=int, help="keystrokes in the 8-file switching trace (0: none)")
+    p.add_argument("--switch-doc-tokens", type=int, help="tokens before the cursor in each of the 8 files")
+    p.add_argument("--switch-every", type=int, help="keystrokes between file switches (about) in the 8-file trace")
+    p.add_argument("--memory-tokens", type=int, help="tokens of each document in the memory table (0: no table)")
+    p.add_argument("--quality-files", type=int, help="stdlib files the quality section cuts")
+    p.add_argument("--quality-cuts", type=int, help="cut points per file in the quality section")
+    p.add_argument("--quality-chars", type=int, help="characters the simulated user types at most per cut point")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-ctx", type=int,
                    help="context size for every engine (default 10240; quick 3072; raised to fit the largest document)")
@@ -116,7 +152,8 @@ def _git_commit() -> str | None:
 
 def _trace_summary(t: traces.Trace) -> dict:
     switches = sum(1 for a, b in zip(t.keys, t.keys[1:]) if a.doc != b.doc)
-    return {"name": t.name, "kind": t.meta["kind"], "keys": len(t.keys), "switches": switches,
+    paced = {"duration_s": sum(t.meta["delays_s"]), "pace": t.meta["pace"]} if "delays_s" in t.meta else {}
+    return {**paced, "name": t.name, "kind": t.meta["kind"], "keys": len(t.keys), "switches": switches,
             "size": t.meta.get("size"), "tokens_before_cursor": t.meta.get("tokens_before_cursor"),
             "doc_tokens": t.meta.get("doc_tokens"), "files": t.meta.get("files") or [t.meta.get("file")],
             "kinds": {k: sum(1 for x in t.keys if x.kind == k) for k in sorted({x.kind for x in t.keys})}}
@@ -133,10 +170,9 @@ def rebuild(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         _log(f"lsp-llm bench: cannot read {out / 'results.json'}: {e}")
         return 2
-    results["summaries"] = [report.summarize(r) for r in results["runs"]]
-    results["targets"] = report.evaluate_targets(results)
-    png = report.plot(results, out / "bench.png")
-    md = report.markdown(results, "bench.png" if png else None)
+    _summarize(results)
+    png = report.plot(results, out / "bench.png") if results["runs"] else None
+    md = _markdown(results, png)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(md)
     print(md)
@@ -145,11 +181,47 @@ def rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.report_only:
-        return rebuild(args)
-    started = time.perf_counter()
-    machine = machine_info()
+@dataclass
+class Setup:
+    """What every section needs: settings, the model, the files, a tokenizer."""
+
+    args: argparse.Namespace
+    cfg: dict
+    engines: list[str]
+    model_path: Path
+    out: Path
+    files: list[Path]
+    vocab: RawModel
+
+    def settings(self, n_ctx: int) -> Settings:
+        a = self.args
+        return Settings(model=str(self.model_path), threads=a.threads, n_ctx=n_ctx, gen_tokens=a.gen_tokens,
+                        timeout_s=min(a.timeout, 300.0),
+                        server_cmd=shlex.split(a.server_cmd) if a.server_cmd else None,
+                        llama_server=a.llama_server, profile=a.profile, out_dir=str(self.out.resolve()))
+
+    def n_ctx_for(self, ts: list[traces.Trace], default: int) -> int:
+        """default, raised to hold the largest document plus what is typed into it."""
+        needed = max(self.vocab.count(d.text) + len(t.keys) for t in ts for d in t.docs) + 256
+        if needed <= default:
+            return default
+        if self.args.n_ctx is not None:
+            _log(f"lsp-llm bench: warning: --n-ctx {default} is smaller than the largest document ({needed} tokens)")
+            return default
+        return -(-needed // 512) * 512
+
+
+def sections(args: argparse.Namespace) -> set[str]:
+    """The sections to run: those asked for (--pace, --quality), else all."""
+    chosen = set()
+    if args.pace:
+        chosen.add(args.pace)
+    if args.quality:
+        chosen.add("quality")
+    return chosen or {"typing", "back-to-back", "quality"}
+
+
+def _setup(args: argparse.Namespace) -> Setup | int:
     preset = QUICK if args.quick else FULL
     cfg = {k: getattr(args, k) if getattr(args, k, None) is not None else v for k, v in preset.items()}
     if args.sizes is not None:
@@ -168,94 +240,67 @@ def run(args: argparse.Namespace) -> int:
     if not model_path.is_file():
         _log(f"lsp-llm bench: model file not found: {model_path}")
         return 2
-    out = Path(args.out)
-    (out / "traces").mkdir(parents=True, exist_ok=True)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-
-    vocab = RawModel(str(model_path), args.threads)  # mmap'd; for token counts and the description
-    model_info = {"path": str(model_path), "name": model_path.name, "description": vocab.description,
-                  "size_mb": model_path.stat().st_size / 2**20}
     files = [Path(f) for f in args.files] if args.files else traces.default_sources()
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         _log(f"lsp-llm bench: not a file: {', '.join(missing)}")
         return 2
-    _log(f"lsp-llm bench: building traces from {', '.join(f.name for f in files[:3])} (seed {args.seed})")
-    all_traces: list[traces.Trace] = []
-    multi_files = files[:3]
-    all_traces.append(traces.multi_file_trace(multi_files, cfg["doc_tokens"], cfg["keystrokes"], args.seed,
-                                              count=vocab.count))
-    if cfg["sizes"]:
-        big = max(files, key=lambda f: f.stat().st_size)
-        all_traces += traces.size_sweep_traces(big, cfg["sizes"], cfg["sweep_keystrokes"], args.seed,
-                                               count=vocab.count)
-    # every engine must hold the largest document whole, plus what is typed into it
-    needed = max(vocab.count(d.text) + len(t.keys) for t in all_traces for d in t.docs) + 256
-    if args.n_ctx is None and needed > cfg["n_ctx"]:
-        cfg["n_ctx"] = -(-needed // 512) * 512
-    elif needed > cfg["n_ctx"]:
-        _log(f"lsp-llm bench: warning: --n-ctx {cfg['n_ctx']} is smaller than the largest document ({needed} tokens)")
-    vocab.close()
-    trace_files = []
-    for t in all_traces:
-        name = "".join(ch if ch.isalnum() else "-" for ch in t.name)
-        p = out / "traces" / f"{name}.json"
-        p.write_text(json.dumps(t.to_json()))
-        trace_files.append(p)
+    out = Path(args.out)
+    (out / "traces").mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    vocab = RawModel(str(model_path), args.threads)  # mmap'd; for token counts and the description
+    return Setup(args, cfg, engines, model_path, out, files, vocab)
 
-    settings = Settings(model=str(model_path), threads=args.threads, n_ctx=cfg["n_ctx"],
-                        gen_tokens=args.gen_tokens, timeout_s=min(args.timeout, 300.0),
-                        server_cmd=shlex.split(args.server_cmd) if args.server_cmd else None,
-                        llama_server=args.llama_server, profile=args.profile, out_dir=str(out.resolve()))
-    notes = []
-    if "llama-server" in engines:
-        binary, origin = find_llama_server(args.llama_server)
-        if binary is None:
-            notes.append(f"llama-server was not measured: {origin}.")
-            _log(f"lsp-llm bench: llama-server absent: {origin}")
-    runs = []
-    for t, tp in zip(all_traces, trace_files):
-        for e in engines:
-            if e == "llama-server" and find_llama_server(args.llama_server)[0] is None:
-                runs.append({"engine": e, "trace": t.name, "status": "unavailable",
-                             "reason": find_llama_server(args.llama_server)[1], "keys": []})
-                continue
-            job = {"settings": asdict(settings), "trace": str(tp.resolve()), "engine": e,
-                   "sample": cfg["naive_samples"]}
-            r = _run_worker(job, out, args.timeout)
-            runs.append(r)
-            s = report.summarize(r)
-            if r["status"] == "ok":
-                _log(f"  {t.name:>14} {e:>16}: p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms  "
-                     f"tokens/key {s['tokens_per_key']:8.1f}  ({s['n']} keys, {r.get('wall_s', 0):.1f} s)")
-            else:
-                _log(f"  {t.name:>14} {e:>16}: {r['status']}: {r.get('reason')}")
-    results = {
+
+def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        return rebuild(args)
+    started = time.perf_counter()
+    machine = machine_info()
+    setup = _setup(args)
+    if isinstance(setup, int):
+        return setup
+    model_info = {"path": str(setup.model_path), "name": setup.model_path.name,
+                  "description": setup.vocab.description, "size_mb": setup.model_path.stat().st_size / 2**20}
+    chosen = sections(args)
+    results: dict = {"sections": sorted(chosen), "notes": [], "traces": [], "runs": [], "paced_traces": [],
+                     "paced_runs": [], "memory": [], "quality": None}
+    if "typing" in chosen:
+        results.update(_typing_section(setup, results["notes"]))
+    if "back-to-back" in chosen:
+        results.update(_back_to_back_section(setup, results["notes"]))
+    if "quality" in chosen:
+        results["quality"] = _quality_section(setup)
+    setup.vocab.close()
+    settings = setup.settings(setup.cfg["n_ctx"])
+    results.update({
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": time.perf_counter() - started,
         "machine": {**machine, "loadavg_end": machine_info()["loadavg"]},
         "model": model_info,
-        "settings": {**asdict(settings), **cfg, "seed": args.seed, "quick": args.quick, "engines": engines,
-                     "files": [str(f) for f in files]},
-        "traces": [_trace_summary(t) for t in all_traces],
-        "runs": runs,
-        "notes": notes,
-    }
-    results["summaries"] = [report.summarize(r) for r in runs]
-    results["targets"] = report.evaluate_targets(results)
+        "settings": {**asdict(settings), **setup.cfg, "seed": args.seed, "quick": args.quick,
+                     "engines": setup.engines, "files": [str(f) for f in setup.files]},
+    })
+    return _write(results, setup)
+
+
+def _write(results: dict, setup: Setup) -> int:
+    args, out = setup.args, setup.out
+    _summarize(results)
     missed = [t for t in results["targets"] if t["pass"] is False]
-    if missed and not args.profile and "lsp-llm" in engines:
+    notes = results["notes"]
+    if missed and not args.profile and "lsp-llm" in setup.engines:
         notes.append("A target was missed: rerun with --profile py-spy (or pyinstrument) to see where the "
                      "server spends its time.")
-    for r in runs:
+    for r in results["runs"]:
         if r["engine"] == "lsp-llm" and r.get("info", {}).get("profile"):
             line = report.profile_summary(r["info"]["profile"])
             notes.append(f"Profile of the lsp-llm server on {r['trace']}: {r['info']['profile']}"
                          + (f"; {line}" if line else ""))
-    png = report.plot(results, out / "bench.png")
-    if png is None:
+    png = report.plot(results, out / "bench.png") if results["runs"] else None
+    if png is None and results["runs"]:
         notes.append("matplotlib is not installed: no plot (pip install 'lsp-llm[bench]').")
-    md = report.markdown(results, "bench.png" if png else None)
+    md = _markdown(results, png)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(md)
     print(md)
@@ -263,12 +308,113 @@ def run(args: argparse.Namespace) -> int:
          + f" in {results['elapsed_s']:.0f} s")
     if args.readme:
         _log("lsp-llm bench: " + report.update_readme(args.readme, md, png, out / "results.json"))
-    failed = [r for r in runs if r["status"] == "error"]
-    if failed:
+    runs = results["runs"] + results["paced_runs"]
+    if any(r["status"] == "error" for r in runs):
         return 1
     if args.strict and missed:
         return 3
     return 0
+
+
+def _summarize(results: dict) -> None:
+    for key in ("paced_traces", "paced_runs", "memory"):
+        results.setdefault(key, [])
+    results.setdefault("quality", None)
+    results["summaries"] = [report.summarize(r) for r in results["runs"]]
+    results["targets"] = report.evaluate_targets(results) if results["runs"] else []
+    results["paced_summaries"] = [asdict(typing_section.summarize(r)) for r in results["paced_runs"]]
+
+
+def _markdown(results: dict, png: Path | None) -> str:
+    first = typing_section.markdown(results["paced_traces"], results["paced_summaries"])
+    first += memory.markdown([memory.MemoryRow(**r) for r in results["memory"]])
+    last = quality.markdown(results["quality"]) if results["quality"] else []
+    return report.markdown(results, "bench.png" if png else None, first, last)
+
+
+def _save_trace(t: traces.Trace, out: Path) -> Path:
+    name = "".join(ch if ch.isalnum() else "-" for ch in t.name)
+    p = out / "traces" / f"{name}.json"
+    p.write_text(json.dumps(t.to_json()))
+    return p
+
+
+def _llama_server_missing(setup: Setup, notes: list[str]) -> str | None:
+    """Why llama-server cannot run (noted once), or None when it can."""
+    if "llama-server" not in setup.engines:
+        return None
+    binary, origin = find_llama_server(setup.args.llama_server)
+    if binary is not None:
+        return None
+    note = f"llama-server was not measured: {origin}."
+    if note not in notes:
+        notes.append(note)
+        _log(f"lsp-llm bench: llama-server absent: {origin}")
+    return origin
+
+
+def _run_all(setup: Setup, ts: list[traces.Trace], settings: Settings, job_extra: dict,
+             notes: list[str]) -> list[dict]:
+    """Every engine on every trace, each in a worker process."""
+    absent = _llama_server_missing(setup, notes)
+    runs = []
+    for t in ts:
+        tp = _save_trace(t, setup.out)
+        for e in setup.engines:
+            if e == "llama-server" and absent:
+                runs.append({"engine": e, "trace": t.name, "status": "unavailable", "reason": absent, "keys": []})
+                continue
+            job = {"settings": asdict(settings), "trace": str(tp.resolve()), "engine": e, **job_extra}
+            r = _run_worker(job, setup.out, setup.args.timeout)
+            runs.append(r)
+            _log_run(r, t.name)
+    return runs
+
+
+def _log_run(r: dict, trace: str) -> None:
+    if r["status"] != "ok":
+        _log(f"  {trace:>22} {r['engine']:>16}: {r['status']}: {r.get('reason')}")
+    elif r.get("mode") == "paced":
+        s = typing_section.summarize(r)
+        _log(f"  {trace:>22} {r['engine']:>16}: p50 {s.p50_ms:8.1f} ms  p90 {s.p90_ms:8.1f} ms  "
+             f"p99 {s.p99_ms:8.1f} ms  ({s.keys} of {s.of_keys} keys, {r.get('wall_s', 0):.1f} s)")
+    else:
+        s = report.summarize(r)
+        _log(f"  {trace:>22} {r['engine']:>16}: p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms  "
+             f"tokens/key {s['tokens_per_key']:8.1f}  ({s['n']} keys, {r.get('wall_s', 0):.1f} s)")
+
+
+def _typing_section(setup: Setup, notes: list[str]) -> dict:
+    cfg, args = setup.cfg, setup.args
+    _log(f"lsp-llm bench: typing pace on {', '.join(f.name for f in setup.files[:8])} (seed {args.seed})")
+    ts = typing_section.paced_traces(setup.files, cfg, args.seed, setup.vocab.count)
+    n_ctx = setup.n_ctx_for(ts, args.n_ctx or PACE_N_CTX)
+    cfg["pace_n_ctx"] = n_ctx
+    runs = _run_all(setup, ts, setup.settings(n_ctx), {"mode": "paced"}, notes)
+    memory_rows = []
+    if "lsp-llm" in setup.engines and cfg["memory_tokens"]:
+        _log(f"lsp-llm bench: memory with 1, 4 and 8 documents of ~{cfg['memory_tokens']} tokens")
+        rows = memory.memory_rows(setup.settings(n_ctx), setup.files, cfg["memory_tokens"], setup.vocab.count)
+        memory_rows = [asdict(r) for r in rows]
+    return {"paced_traces": [_trace_summary(t) for t in ts], "paced_runs": runs, "memory": memory_rows}
+
+
+def _back_to_back_section(setup: Setup, notes: list[str]) -> dict:
+    cfg, args = setup.cfg, setup.args
+    _log(f"lsp-llm bench: back-to-back traces from {', '.join(f.name for f in setup.files[:3])} (seed {args.seed})")
+    ts = [traces.multi_file_trace(setup.files[:3], cfg["doc_tokens"], cfg["keystrokes"], args.seed,
+                                  count=setup.vocab.count)]
+    if cfg["sizes"]:
+        big = max(setup.files, key=lambda f: f.stat().st_size)
+        ts += traces.size_sweep_traces(big, cfg["sizes"], cfg["sweep_keystrokes"], args.seed,
+                                       count=setup.vocab.count)
+    cfg["n_ctx"] = setup.n_ctx_for(ts, cfg["n_ctx"])
+    runs = _run_all(setup, ts, setup.settings(cfg["n_ctx"]), {"sample": cfg["naive_samples"]}, notes)
+    return {"traces": [_trace_summary(t) for t in ts], "runs": runs}
+
+
+def _quality_section(setup: Setup) -> dict | None:
+    return None
 
 
 def _run_worker(job: dict, out: Path, timeout: float) -> dict:

@@ -84,6 +84,22 @@ def cpu_seconds(pid: int | None = None) -> float:
             return float("nan")
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident set size (VmRSS) of a process now."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process(pid).memory_info().rss)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def peak_rss_bytes(pid: int | None = None) -> int:
     """Peak resident set size (VmHWM) of a process (this one by default)."""
     path = f"/proc/{pid if pid is not None else 'self'}/status"
@@ -524,13 +540,18 @@ class LlamaServerEngine(Engine):
 # -- lsp-llm ---------------------------------------------------------------------------------
 
 
+def server_command(s: Settings) -> list[str]:
+    """The command that starts the lsp-llm server with these settings."""
+    cmd = list(s.server_cmd or [sys.executable, "-m", "lsp_llm"])
+    return cmd + ["--model", s.model, "--n-ctx", str(s.n_ctx), "--threads", str(s.threads),
+                  "--max-sessions", str(s.max_sessions)]
+
+
 class LspLlmEngine(Engine):
     name = "lsp-llm"
 
     def open(self, trace: Trace, warm: list[str]) -> None:
-        cmd = list(self.s.server_cmd or [sys.executable, "-m", "lsp_llm"])
-        cmd += ["--model", self.s.model, "--n-ctx", str(self.s.n_ctx), "--threads", str(self.s.threads),
-                "--max-sessions", str(self.s.max_sessions)]
+        cmd = server_command(self.s)
         self.profile_out = None
         if self.s.profile:
             cmd, self.profile_out = _profiled(cmd, self.s.profile, Path(self.s.out_dir), trace.name)

@@ -176,7 +176,10 @@ def _f(x: float | None, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
-def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
+def markdown(results: dict, plot_name: str | None = "bench.png", first: list[str] = (),
+             last: list[str] = ()) -> str:
+    """The report: header, the lines ``first`` (typing pace, memory), the
+    back-to-back tables, the lines ``last`` (quality), targets and notes."""
     S = results["summaries"]
     m = results["machine"]
     st = results["settings"]
@@ -184,7 +187,7 @@ def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
         f"### lsp-llm bench{' (quick)' if st.get('quick') else ''}",
         "",
         f"Model **{results['model']['name']}** ({results['model']['description']}, "
-        f"{results['model']['size_mb']:.0f} MB); {st['threads']} threads; n_ctx {st['n_ctx']}; "
+        f"{results['model']['size_mb']:.0f} MB); {st['threads']} threads; n_ctx {_n_ctx(results)}; "
         f"every engine generates up to {st['gen_tokens']} greedy tokens per request "
         f"(lsp-llm: lineTokens, plus its word items); seed {st['seed']}.  ",
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['memory_gb']:.0f} GiB), {m['os']}; Python {m['python']}, "
@@ -192,7 +195,10 @@ def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
         f"{m.get('loadavg_end', '?')} at the end.  ",
         f"Run on {results['started']} in {results['elapsed_s']:.0f} s.",
         "",
+        *first,
     ]
+    if results["runs"]:
+        lines += ["**Back to back** (the stress case: each keystroke as soon as the previous one is answered)", ""]
     for t in results["traces"]:
         rows = [s for e in ORDER for s in S if s["engine"] == e and s["trace"] == t["name"]]
         if not rows:
@@ -235,17 +241,26 @@ def markdown(results: dict, plot_name: str | None = "bench.png") -> str:
             if any(cells):
                 lines.append(f"| {e} | " + " | ".join(_f(c["p50_ms"]) if c else "–" for c in cells) + " |")
         lines.append("")
-    lines += ["**Targets**", "", "| target | result | figures |", "|---|---|---|"]
-    for t in results["targets"]:
-        mark = {True: "pass", False: "**miss**", None: "not measured"}[t["pass"]]
-        lines.append(f"| {t['target']} | {mark} | {t['detail']} |")
-    lines.append("")
+    lines += list(last)
+    if results["targets"]:
+        lines += ["**Targets**", "", "| target | result | figures |", "|---|---|---|"]
+        for t in results["targets"]:
+            mark = {True: "pass", False: "**miss**", None: "not measured"}[t["pass"]]
+            lines.append(f"| {t['target']} | {mark} | {t['detail']} |")
+        lines.append("")
     notes = list(results.get("notes", [])) + contention_notes(results)
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     if plot_name:
         lines += [f"![lsp-llm bench]({plot_name})", ""]
     return "\n".join(lines)
+
+
+def _n_ctx(results: dict) -> str:
+    st = results["settings"]
+    parts = [f"{st['pace_n_ctx']} at typing pace"] if st.get("pace_n_ctx") else []
+    parts += [f"{st['n_ctx']} back to back"] if results["runs"] else []
+    return ", ".join(parts) or str(st["n_ctx"])
 
 
 def contention_notes(results: dict) -> list[str]:

@@ -522,3 +522,17 @@ def _line_after_tokens(lines: Sequence[str], tokens: int, count: TokenCounter) -
         else:
             hi = mid
     return lo
+
+
+def switching_trace(
+    paths: Sequence[Path], doc_tokens: int, keystrokes: int, seed: int, switch_every: int = 8,
+    count: TokenCounter = approx_tokens,
+) -> Trace:
+    """Many documents open (8 by default: twice the server's live sessions),
+    typing in one and switching to another one about every switch_every
+    keystrokes; most switches come back to a document typed in before, whose
+    text has not changed since."""
+    t = multi_file_trace(paths, doc_tokens, keystrokes, seed, count, TraceConfig(switch_every=switch_every))
+    t.name = f"{len(paths)} files, switching"
+    t.meta.update(kind="switching", switch_every=switch_every)
+    return t

@@ -6,6 +6,7 @@ peak RSS, and a crash in llama.cpp costs one cell of the table, not the run).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -14,7 +15,10 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-from .engines import ENGINE_CLASSES, EngineUnavailable, Settings, cpu_seconds, peak_rss_bytes
+from . import paced
+from .editor import Editor
+from .engines import ENGINE_CLASSES, EngineUnavailable, Settings, cpu_seconds, peak_rss_bytes, server_command
+from .pace import schedule
 from .traces import Trace, iter_prefixes, offset_of
 
 
@@ -111,9 +115,78 @@ def _close_quietly(engine) -> None:
             pass
 
 
+# -- at a human pace (paced.py) -------------------------------------------------------------
+
+
+def run_paced_job(job: dict) -> dict:
+    settings = Settings(**job["settings"])
+    trace = Trace.from_json(json.loads(Path(job["trace"]).read_text()))
+    base = {"engine": job["engine"], "trace": trace.name, "mode": "paced", "status": "ok", "keys": []}
+    try:
+        if job["engine"] == "lsp-llm":
+            out = asyncio.run(_paced_lsp(settings, trace))
+        else:
+            out = _paced_sync(ENGINE_CLASSES[job["engine"]](settings), trace)
+    except EngineUnavailable as e:
+        return {**base, "status": "unavailable", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - a broken engine is a result too
+        return {**base, "status": "error", "reason": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
+    times = schedule(trace.meta["delays_s"])
+    answers = out.pop("answers")
+    out["keys"] = paced.as_records(paced.key_results(trace, times, answers))
+    out["answers"] = paced.as_records(answers)
+    out["of_keys"] = len(trace.keys)
+    return {**base, **out, "settings": asdict(settings)}
+
+
+def _paced_sync(engine, trace: Trace) -> dict:
+    try:
+        engine.open(trace, paced.warm_texts(trace))
+        pids = _tree(engine.work_pid)
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        wall0 = time.perf_counter()
+        answers = paced.run_sync(engine, trace, trace.meta["delays_s"])
+        wall = time.perf_counter() - wall0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        rss = max(peak_rss_bytes(p) for p in pids)
+    finally:
+        _close_quietly(engine)
+    return {"answers": answers, "cpu_s": cpu, "wall_s": wall, "peak_rss": rss, "server": {}}
+
+
+async def _paced_lsp(settings: Settings, trace: Trace) -> dict:
+    editor = await Editor.start(server_command(settings) + ["--log-level", "warning"],
+                                {"lineTokens": settings.gen_tokens}, settings.timeout_s)
+    try:
+        await paced.open_documents(editor, trace, settings.timeout_s)
+        before = await editor.stats()
+        cpu0 = cpu_seconds(editor.pid)
+        wall0 = time.perf_counter()
+        answers = await paced.run_lsp(editor, trace, trace.meta["delays_s"], settings.timeout_s)
+        wall = time.perf_counter() - wall0
+        cpu = cpu_seconds(editor.pid) - cpu0
+        after = await editor.stats()
+        idle = await _idle_cpu_pct(editor.pid)
+        rss = peak_rss_bytes(editor.pid)
+    finally:
+        await editor.stop()
+    server = {**paced.server_counters(before, after), "idle_cpu_pct": idle}
+    return {"answers": answers, "cpu_s": cpu, "wall_s": wall, "peak_rss": rss, "server": server}
+
+
+async def _idle_cpu_pct(pid: int, after_s: float = 1.0, span_s: float = 1.0) -> float:
+    """The server's CPU use (% of one core) from after_s to after_s + span_s
+    seconds after the last answer: it should have gone quiet by then."""
+    await asyncio.sleep(after_s)
+    c0 = cpu_seconds(pid)
+    await asyncio.sleep(span_s)
+    return 100 * (cpu_seconds(pid) - c0) / span_s
+
+
 def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
-    result = run_job(job)
+    result = run_paced_job(job) if job.get("mode") == "paced" else run_job(job)
     Path(argv[1]).write_text(json.dumps(result))
     return 0 if result["status"] in ("ok", "unavailable") else 1
 
