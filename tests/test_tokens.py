@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +55,8 @@ def test_random_edits_splice_equals_full_tokenization(tiny: Model, data: st.Data
         raw = text.encode()
         m.splice(raw, start, end, start + len(ins.encode()))
         assert m.ids == tiny.tokenize(raw, add_bos=False)
-        assert m.ends[-1] if m.ends else 0 == len(raw)
+        assert (m.ends[-1] if m.ends else 0) == len(raw)
+        assert m.ends == list(accumulate(len(tiny.piece(t)) for t in m.ids))
         cut = len(text[: data.draw(st.integers(0, len(text)), "cursor")].encode())
         assert m.prefix(raw, cut) == tiny.tokenize(raw[:cut], add_bos=False)
 
