@@ -21,6 +21,8 @@
 ;;   loaded, so lsp-llm runs beside pyright/pylsp/... in the same buffer.
 ;;
 ;; Completions arrive through `completion-at-point' (and so company/corfu).
+;; With eglot, ghost text (`lsp-llm-inline-mode') shows a suggestion at
+;; point as you type: TAB accepts it, M-f a word of it, C-g hides it.
 ;;
 ;; Settings (`lsp-llm-model', `lsp-llm-items', ...) are sent as
 ;; initializationOptions, and again with M-x lsp-llm-send-settings.
@@ -186,6 +188,270 @@ With prefix argument ALL, for every document."
 
 (with-eval-after-load 'eglot
   (lsp-llm-eglot-register))
+
+;;;; Ghost text: textDocument/inlineCompletion over eglot's connection
+;;
+;; eglot 1.9 has no inline completion, so lsp-llm asks for it itself: after a
+;; command that changed the buffer and `lsp-llm-inline-delay' idle seconds,
+;; it sends textDocument/inlineCompletion on the buffer's eglot connection
+;; and shows the first item as an overlay at point (its `after-string', face
+;; `lsp-llm-ghost').  While it is shown, `lsp-llm-ghost-map' is active: TAB
+;; accepts it, M-f or C-<right> accepts one word, C-g dismisses it.  Any
+;; other command that moves point or edits hides it.
+;;
+;; An item (LSP 3.18) is `insertText' replacing `range' (default: empty at
+;; point).  The range may start before point (that text was typed already
+;; and begins insertText) and end after it (the rest of the line, which the
+;; item replaces).
+
+(declare-function eglot--server-capable "eglot")
+(declare-function eglot--server-info "eglot")
+(declare-function eglot--TextDocumentPositionParams "eglot")
+(declare-function eglot--signal-textDocument/didChange "eglot")
+(declare-function eglot--range-region "eglot")
+(declare-function eglot-completion-at-point "eglot")
+(declare-function jsonrpc-async-request "jsonrpc")
+(declare-function jsonrpc--async-request-1 "jsonrpc")
+(defvar eglot-managed-mode-hook)
+
+(defcustom lsp-llm-inline-enabled t
+  "Non-nil: show lsp-llm's ghost text in buffers eglot manages with lsp-llm."
+  :type 'boolean)
+
+(defcustom lsp-llm-capf-enabled t
+  "Non-nil: `completion-at-point' offers lsp-llm's items (eglot's capf).
+nil: lsp-llm buffers get ghost text only."
+  :type 'boolean)
+
+(defcustom lsp-llm-inline-delay 0.15
+  "Idle seconds after an edit before asking for ghost text."
+  :type 'number)
+
+(defface lsp-llm-ghost '((t :inherit shadow))
+  "Face of lsp-llm's ghost text.")
+
+(defvar lsp-llm-ghost-map
+  (let ((map (make-sparse-keymap)))
+    (define-key map (kbd "TAB") #'lsp-llm-inline-accept)
+    (define-key map (kbd "<tab>") #'lsp-llm-inline-accept)
+    (define-key map (kbd "M-f") #'lsp-llm-inline-accept-word)
+    (define-key map (kbd "C-<right>") #'lsp-llm-inline-accept-word)
+    (define-key map (kbd "C-g") #'lsp-llm-inline-dismiss)
+    map)
+  "Keys active while ghost text is shown.")
+
+(defvar-local lsp-llm--ghost nil
+  "The ghost text shown: plist (:overlay :text :end :tick :point :item).
+:text is what accepting inserts at point, :end a marker at the end of the
+range it replaces, :tick and :point the buffer state it was shown for.")
+
+(defvar-local lsp-llm--request nil "Token of this buffer's newest request.")
+(defvar-local lsp-llm--request-id nil "Its JSON-RPC id, if known (for $/cancelRequest).")
+(defvar-local lsp-llm--last-tick nil "`buffer-chars-modified-tick' after the last command.")
+(defvar lsp-llm--timer nil "The idle timer of the next request.")
+(defvar lsp-llm--request-counter 0)
+(defvar lsp-llm-inline-mode)            ; defined below
+
+(define-minor-mode lsp-llm--ghost-keys-mode
+  "On while ghost text is shown, for `lsp-llm-ghost-map'."
+  :lighter nil
+  :keymap lsp-llm-ghost-map)
+
+(defun lsp-llm-first-word (text)
+  "The first word of TEXT, as accept-by-word takes it.
+Leading blanks plus one identifier, or plus one run of other non-blank
+characters; a line break with the next line's indentation is a word."
+  (if (string-match (concat "\\`\\(?:\r?\n[ \t]*"
+                            "\\|[ \t]*[[:alnum:]_]+"
+                            "\\|[ \t]*[^[:alnum:]_[:space:]]+"
+                            "\\|[ \t]+\\)")
+                    text)
+      (match-string 0 text)
+    text))
+
+(defun lsp-llm--clear ()
+  "Hide the ghost text."
+  (when lsp-llm--ghost
+    (delete-overlay (plist-get lsp-llm--ghost :overlay))
+    (set-marker (plist-get lsp-llm--ghost :end) nil)
+    (setq lsp-llm--ghost nil))
+  (when lsp-llm--ghost-keys-mode (lsp-llm--ghost-keys-mode -1)))
+
+(defun lsp-llm--show (text end item)
+  "Show TEXT as ghost text at point; accepting it replaces up to END."
+  (lsp-llm--clear)
+  (let* ((tail (buffer-substring-no-properties (point) end))
+         ;; A one-line item that replaces the rest of the line and ends with
+         ;; it (`foo)' over `)'): show only what it adds.
+         (shown (if (and (not (string-empty-p tail))
+                         (not (string-match-p "\n" text))
+                         (string-suffix-p tail text))
+                    (substring text 0 (- (length text) (length tail)))
+                  text))
+         (ov (make-overlay (point) (point) nil t nil))
+         (str (propertize shown 'face 'lsp-llm-ghost)))
+    (unless (string-empty-p str)
+      ;; Keep the cursor before the ghost text, not after it.
+      (put-text-property 0 1 'cursor t str))
+    (overlay-put ov 'after-string str)
+    (overlay-put ov 'lsp-llm t)
+    (setq lsp-llm--ghost (list :overlay ov :text text
+                               :end (copy-marker end t)
+                               :tick (buffer-chars-modified-tick)
+                               :point (point) :item item))
+    (lsp-llm--ghost-keys-mode 1)))
+
+(defun lsp-llm--usable-item (result)
+  "The first item of RESULT (an InlineCompletionList or item array) to show.
+Returns (TEXT END ITEM): what to insert at point, and where the replaced
+range ends; nil if no item fits point."
+  (let ((items (if (and (listp result) (plist-member result :items))
+                   (plist-get result :items)
+                 result)))
+    (cl-loop
+     for item across (if (vectorp items) items (vconcat items))
+     for text = (let ((it (plist-get item :insertText)))
+                  (if (stringp it) it (plist-get it :value))) ; StringValue
+     for range = (plist-get item :range)
+     for region = (if range (eglot--range-region range) (cons (point) (point)))
+     when (and (stringp text)
+               (<= (car region) (point) (cdr region)))
+     do (let ((typed (buffer-substring-no-properties (car region) (point))))
+          (when (and (string-prefix-p typed text) (> (length text) (length typed)))
+            (cl-return (list (substring text (length typed)) (cdr region) item)))))))
+
+(defun lsp-llm--eglot-server ()
+  "This buffer's eglot server if it is lsp-llm (it serves inline completion)."
+  (when (and (fboundp 'eglot-current-server) (eglot-current-server)
+             (eglot--server-capable :inlineCompletionProvider))
+    (eglot-current-server)))
+
+(defun lsp-llm--send (server method params success)
+  "Send request METHOD with PARAMS to SERVER; call SUCCESS with the result.
+Returns the request id when jsonrpc tells it (for $/cancelRequest).  The
+timeout is long: the first request may wait for the model to load, and
+a stale answer is dropped anyway."
+  (let ((args (list :success-fn success :error-fn #'ignore
+                    :timeout-fn #'ignore :timeout 120)))
+    (if (fboundp 'jsonrpc--async-request-1)
+        ;; jsonrpc's internal variant returns (ID TIMER); the public one nil.
+        (car (apply #'jsonrpc--async-request-1 server method params args))
+      (apply #'jsonrpc-async-request server method params args)
+      nil)))
+
+(defun lsp-llm-inline-request ()
+  "Ask the server for ghost text at point now."
+  (interactive)
+  (let ((server (lsp-llm--eglot-server)))
+    (when server
+      ;; Cancel the request still under way; its answer would be stale.
+      (when lsp-llm--request-id
+        (jsonrpc-notify server :$/cancelRequest (list :id lsp-llm--request-id)))
+      ;; eglot sends edits on its own idle timer: flush them first.
+      (eglot--signal-textDocument/didChange)
+      (let ((buf (current-buffer))
+            (tick (buffer-chars-modified-tick))
+            (pt (point))
+            (token (cl-incf lsp-llm--request-counter)))
+        (setq lsp-llm--request token
+              lsp-llm--request-id
+              (lsp-llm--send
+               server :textDocument/inlineCompletion
+               (append (eglot--TextDocumentPositionParams)
+                       (list :context (list :triggerKind 2))) ; Automatic
+               (lambda (result)
+                 (when (buffer-live-p buf)
+                   (with-current-buffer buf
+                     ;; Drop it if a newer request went out, or the buffer or
+                     ;; point changed since we asked.
+                     (when (and (eql lsp-llm--request token)
+                                (= tick (buffer-chars-modified-tick))
+                                (= pt (point)))
+                       (setq lsp-llm--request nil lsp-llm--request-id nil)
+                       (let ((usable (lsp-llm--usable-item result)))
+                         (if usable
+                             (apply #'lsp-llm--show usable)
+                           (lsp-llm--clear)))))))))))))
+
+(defun lsp-llm--schedule ()
+  "Ask for ghost text after `lsp-llm-inline-delay' idle seconds."
+  (when (timerp lsp-llm--timer) (cancel-timer lsp-llm--timer))
+  (let ((buf (current-buffer)))
+    (setq lsp-llm--timer
+          (run-with-idle-timer
+           lsp-llm-inline-delay nil
+           (lambda ()
+             (setq lsp-llm--timer nil)
+             (when (and (buffer-live-p buf) (eq buf (current-buffer)))
+               (with-current-buffer buf
+                 (when lsp-llm-inline-mode (lsp-llm-inline-request)))))))))
+
+(defun lsp-llm--post-command ()
+  "Hide stale ghost text; ask again after a command that edited the buffer."
+  (when (and lsp-llm--ghost
+             (not (and (= (point) (plist-get lsp-llm--ghost :point))
+                       (= (buffer-chars-modified-tick) (plist-get lsp-llm--ghost :tick)))))
+    (lsp-llm--clear))
+  (let ((tick (buffer-chars-modified-tick)))
+    (unless (or (eql tick lsp-llm--last-tick) lsp-llm--ghost)
+      (lsp-llm--schedule))
+    (setq lsp-llm--last-tick tick)))
+
+(defun lsp-llm-inline-accept ()
+  "Insert the whole ghost text."
+  (interactive)
+  (let ((g lsp-llm--ghost))
+    (when g
+      (let ((text (plist-get g :text)) (end (marker-position (plist-get g :end))))
+        (lsp-llm--clear)
+        (delete-region (point) end)
+        (insert text)))))
+
+(defun lsp-llm-inline-accept-word ()
+  "Insert the first word of the ghost text; the rest stays shown."
+  (interactive)
+  (let ((g lsp-llm--ghost))
+    (when g
+      (let* ((text (plist-get g :text))
+             (word (lsp-llm-first-word text))
+             (rest (substring text (length word)))
+             (end (plist-get g :end)))
+        (if (string-empty-p rest)
+            (lsp-llm-inline-accept)
+          (insert word)                 ; END is a marker: it moves along
+          (lsp-llm--show rest (marker-position end) (plist-get g :item)))))))
+
+(defun lsp-llm-inline-dismiss ()
+  "Hide the ghost text; the next edit asks again."
+  (interactive)
+  (lsp-llm--clear))
+
+;;;###autoload
+(define-minor-mode lsp-llm-inline-mode
+  "Ghost text from lsp-llm as you type (needs eglot connected to lsp-llm).
+Turned on by itself in eglot buffers served by lsp-llm when
+`lsp-llm-inline-enabled' is non-nil."
+  :lighter nil
+  (if lsp-llm-inline-mode
+      (progn
+        (setq lsp-llm--last-tick (buffer-chars-modified-tick))
+        (add-hook 'post-command-hook #'lsp-llm--post-command nil t))
+    (remove-hook 'post-command-hook #'lsp-llm--post-command t)
+    (lsp-llm--clear)))
+
+(defun lsp-llm-apply-options ()
+  "Apply `lsp-llm-inline-enabled' and `lsp-llm-capf-enabled' to this buffer.
+Runs by itself when eglot starts managing a buffer."
+  (interactive)
+  (let ((ours (and (bound-and-true-p eglot--managed-mode) (lsp-llm--eglot-server))))
+    (lsp-llm-inline-mode (if (and ours lsp-llm-inline-enabled) 1 -1))
+    (when ours
+      (if lsp-llm-capf-enabled
+          (add-hook 'completion-at-point-functions #'eglot-completion-at-point nil t)
+        (remove-hook 'completion-at-point-functions #'eglot-completion-at-point t)))))
+
+(with-eval-after-load 'eglot
+  (add-hook 'eglot-managed-mode-hook #'lsp-llm-apply-options))
 
 ;;;; lsp-mode (add-on client: runs beside the language's own server)
 
