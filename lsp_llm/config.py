@@ -26,6 +26,13 @@ class Settings:
     max_sessions: int = 4  # live llama.cpp contexts (LRU)
     items: int = 5  # word items per completion
     line_tokens: int = 12  # max tokens of the to-end-of-line item
+    inline: bool = True  # ghost text (textDocument/inlineCompletion)
+    inline_lines: int = 4  # max lines of ghost text
+    inline_tokens: int = 64  # max tokens of ghost text
+    inline_budget_ms: int = 300  # answer with what is ready (at least a line) after this long
+    inline_stop: tuple[str, ...] = ()  # ghost text ends before any of these strings
+    fim: bool = True  # fill in the middle, if the model declares FIM tokens
+    fim_lines: int = 16  # lines after the cursor that FIM shows the model
     log_level: str = "info"
 
     # settings that need a new model or new contexts when they change
@@ -79,6 +86,18 @@ def _model(v: Any) -> str | None:
     return os.path.expanduser(v)
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _strings(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError(f"expected a list of non-empty strings, got {v!r}")
+    return tuple(v)
+
+
 def _log_level(v: Any) -> str:
     if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {v!r}")
@@ -92,6 +111,13 @@ _VALIDATORS = {
     "max_sessions": _int_in(1, 64),
     "items": _int_in(1, 16),
     "line_tokens": _int_in(0, 256),
+    "inline": _bool,
+    "inline_lines": _int_in(1, 64),
+    "inline_tokens": _int_in(1, 512),
+    "inline_budget_ms": _int_in(0, 60000),
+    "inline_stop": _strings,
+    "fim": _bool,
+    "fim_lines": _int_in(0, 1000),
     "log_level": _log_level,
 }
 

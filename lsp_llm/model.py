@@ -108,6 +108,15 @@ class BatchRule:
         return sizes
 
 
+@dataclass(frozen=True)
+class FimTokens:
+    """The fill-in-the-middle control tokens a vocabulary declares."""
+
+    pre: int
+    suf: int
+    mid: int
+
+
 CANDIDATE_RULES = [BatchRule(4, 4), BatchRule(4, 8), BatchRule(8, 8), BatchRule(16, 16), BatchRule(32, 32)]
 
 
@@ -132,6 +141,9 @@ class Model:
         self.bos: int = llama.llama_vocab_bos(self._vocab)
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab)) and self.bos >= 0
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(self._model)
+        fim = FimTokens(llama.llama_vocab_fim_pre(self._vocab), llama.llama_vocab_fim_suf(self._vocab),
+                        llama.llama_vocab_fim_mid(self._vocab))
+        self.fim: FimTokens | None = fim if min(fim.pre, fim.suf, fim.mid) >= 0 else None
         buf = ctypes.create_string_buffer(256)
         llama.llama_model_desc(self._model, buf, len(buf))
         self.description = buf.value.decode("utf-8", "replace")

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from .config import Settings, apply_log_level
 from .default_model import cache_dir, default_model_path
 from .documents import Document, DocumentError, DocumentStore, Encoding, Vocab
 from .engine import Engine
+from .inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
 from .session import Cancelled, DecodeError
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,8 @@ class Server(LanguageServer):
         super().__init__("lsp-llm", __version__, protocol_cls=Protocol, max_workers=2)
         self.settings = settings
         self.engine = Engine(settings.max_sessions, settings.n_ctx, n_branches=16,
-                             headroom=settings.line_tokens + 16)
+                             headroom=_headroom(settings))
+        self.inline = Inline()
         self.store = DocumentStore(None, self.engine)
         self.model_name = "(loading)"
         self.ready: asyncio.Future[bool] | None = None
@@ -135,7 +139,7 @@ class Server(LanguageServer):
             self.tell(t.MessageType.Error, f"settings: {e}")
         old, self.settings = self.settings, new
         apply_log_level(new.log_level)
-        self.engine.headroom = new.line_tokens + 16
+        self.engine.headroom = _headroom(new)
         if new.max_sessions != old.max_sessions:
             self.engine.submit(lambda: self.engine.resize(new.max_sessions))
         if not initial and any(getattr(new, k) != getattr(old, k) for k in Settings.RELOAD):
@@ -164,6 +168,79 @@ class Server(LanguageServer):
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
+
+
+    # -- ghost text ---------------------------------------------------------------------
+    async def suggest_inline(self, uri: str, pos: t.Position) -> InlineAnswer | None:
+        """Ghost text at pos: from the type-through cache, else an engine job
+        (the newest request per document wins). Positions are taken before
+        any await: the document may change meanwhile."""
+        s = self.settings
+        if not s.inline:
+            return None
+        if not await self.wait_ready():
+            raise DocumentError("no model is loaded (see the earlier error)")
+        t0 = time.perf_counter()
+        doc = self.store.trusted(uri)
+        enc = self.encoding
+        offset = doc.offset(pos.line, pos.character, enc)
+        self.store.move_cursor(uri, offset)
+        end = doc.data.find(b"\n", offset)
+        rest = doc.data[offset : len(doc.data) if end < 0 else end].rstrip(b"\r")
+        here, rest_end = _pos(doc, offset, enc), _pos(doc, offset + len(rest.rstrip()), enc)
+        hit = self.inline.type_through(uri, doc.data, offset)
+        if hit is not None:
+            st = self.inline.stats.setdefault(uri, hit.stats)
+            st.type_through += 1
+            st.type_through_ms = (time.perf_counter() - t0) * 1000
+            self._prepare_inline(uri, doc, offset)
+            return InlineAnswer(hit, here, rest_end)
+        req = request_at(doc, offset, s, self.engine)
+        before, after = doc.data[:offset], doc.data[offset:]
+        cancel = self.inline.newest(uri)
+        try:
+            found = await asyncio.wrap_future(self.engine.submit(lambda: suggest(self.engine, req, cancel), cancel))
+        except (asyncio.CancelledError, Cancelled):
+            task = asyncio.current_task()
+            if cancel.is_set() and task is not None and not task.cancelling():
+                return None  # a newer request for this document replaced it
+            cancel.set()  # stops the engine between decode calls
+            raise asyncio.CancelledError() from None
+        except DecodeError as e:  # the session was reset; the next request feeds it again
+            log.error("%s: %s", uri, e)
+            raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
+        finally:
+            self.inline.finished(uri, cancel)
+        old = self.inline.stats.get(uri)
+        if old is not None:
+            found.stats.type_through = old.type_through
+        self.inline.stats[uri] = found.stats
+        self.inline.show(uri, before, after, found)
+        if self.store.docs.get(uri) is doc and doc.data[:offset] == before:
+            self._prepare_inline(uri, doc, offset)
+        return InlineAnswer(found, here, rest_end)
+
+    def _prepare_inline(self, uri: str, doc: Document, offset: int) -> None:
+        """Idle work: the rest of the suggestion, and what follows it."""
+        if hasattr(self.engine, "prepare") and self.engine.exact_memo is not None:
+            req = request_at(doc, offset, self.settings, self.engine)
+            self.engine.prepare(uri, "inline", [extend_task(self.engine, req, self.settings.inline_lines)])
+
+
+@dataclass(frozen=True)
+class InlineAnswer:
+    suggestion: Suggestion
+    here: t.Position  # the cursor
+    rest_end: t.Position  # the end of the text after the cursor on its line
+
+    def item(self) -> t.InlineCompletionItem:
+        end = self.rest_end if self.suggestion.replace else self.here
+        return t.InlineCompletionItem(insert_text=self.suggestion.text, range=t.Range(self.here, end))
+
+
+def _headroom(s: Settings) -> int:
+    """Room the windows leave after the prompt for generation."""
+    return max(s.line_tokens, s.inline_tokens) + 16
 
 
 def _load(engine: Engine, s: Settings) -> Any:
@@ -279,7 +356,10 @@ def build(settings: Settings) -> Server:
 
     @server.feature(t.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: Server, params: t.DidCloseTextDocumentParams) -> None:
-        _guard(lambda: ls.store.close(params.text_document.uri))
+        uri = params.text_document.uri
+        _guard(lambda: ls.store.close(uri))
+        ls.inline.forget(uri)
+        ls.engine.forget(uri + FIM_SESSION)
 
     @server.feature(t.TEXT_DOCUMENT_COMPLETION, t.CompletionOptions(trigger_characters=TRIGGERS))
     async def completion(ls: Server, params: t.CompletionParams) -> t.CompletionList:
@@ -298,14 +378,13 @@ def build(settings: Settings) -> Server:
     @server.feature(t.TEXT_DOCUMENT_INLINE_COMPLETION, t.InlineCompletionOptions())
     async def inline_completion(ls: Server, params: t.InlineCompletionParams) -> t.InlineCompletionList:
         try:
-            doc, _start, offset, cands = await ls.complete(params.text_document.uri, params.position)
+            answer = await ls.suggest_inline(params.text_document.uri, params.position)
         except DocumentError as e:
             log.warning("inline completion: %s", e)
             return t.InlineCompletionList(items=[])
-        here = _pos(doc, offset, ls.encoding)
-        return t.InlineCompletionList(items=[
-            t.InlineCompletionItem(insert_text=c.text, range=t.Range(here, here)) for c in cands[:1]
-        ])
+        if answer is None or not answer.suggestion.text:
+            return t.InlineCompletionList(items=[])
+        return t.InlineCompletionList(items=[answer.item()])
 
     @server.command(STATS_COMMAND)
     def stats(ls: Server, *args: Any) -> Any:
@@ -313,13 +392,17 @@ def build(settings: Settings) -> Server:
             uri = args[0]
             if not isinstance(uri, str) or uri not in ls.store.docs:
                 raise JsonRpcInvalidParams(f"{STATS_COMMAND}: unknown document {uri!r}")
-            return ls.engine.stats[uri].as_dict() if uri in ls.engine.stats else {}
+            out = ls.engine.stats[uri].as_dict() if uri in ls.engine.stats else {}
+            if uri in ls.inline.stats:
+                out["inline"] = ls.inline.stats[uri].as_dict()
+            return out
         return {
             "model": ls.model_name,
             "n_ctx": ls.engine.n_ctx,
             "batch_rule": str(ls.engine.model.batch_rule) if ls.engine.model else None,
             "decode_ms_total": round(ls.engine.decode_ms_total, 3),
             "memo_steps": len(ls.engine.memo),
+            "fim": bool(ls.settings.fim and ls.engine.model is not None and ls.engine.model.fim is not None),
             "documents": {u: s.as_dict() for u, s in list(ls.engine.stats.items())},
         }
 

@@ -41,6 +41,26 @@ def tiny_model_path(default_model_file: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fim_model_path(default_model_file: Path) -> Path:
+    """The tiny model with FIM tokens declared in its vocabulary (cached)."""
+    digest = hashlib.sha256(Path(tiny_model.__file__).read_bytes()).hexdigest()[:12]
+    out = cache_dir() / "test" / f"tiny-fim-{digest}.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        tiny_model.build(tmp, default_model_file, fim=True)
+        tmp.replace(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fim(tiny_fim_model_path: Path) -> Model:
+    model = Model(tiny_fim_model_path, threads=THREADS)
+    calibrate(model, None)
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_model_path: Path) -> Model:
     model = Model(tiny_model_path, threads=THREADS)
     calibrate(model, None)

@@ -24,6 +24,7 @@ N_FF = 64
 N_LAYER = 6  # gemma3: five sliding-window layers, then one global layer
 SLIDING_WINDOW = 16
 CONTEXT = 4096
+FIM_TOKENS = (6, 7, 8)  # <unused0..2> of the Gemma vocabulary: FIM prefix, suffix, middle (fim=True)
 
 _TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
 
@@ -32,7 +33,8 @@ def _field_array(field: gguf.ReaderField) -> list:
     return [field.parts[i] for i in field.data]
 
 
-def build(out: Path, source: Path, seed: int = 0) -> Path:
+def build(out: Path, source: Path, seed: int = 0, fim: bool = False) -> Path:
+    """With fim, the vocabulary also declares FIM tokens (FIM_TOKENS)."""
     reader = gguf.GGUFReader(str(source))
     fields = reader.fields
     tokens = [bytes(p) for p in _field_array(fields["tokenizer.ggml.tokens"])]
@@ -70,6 +72,9 @@ def build(out: Path, source: Path, seed: int = 0) -> Path:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
+    if fim:
+        for key, token in zip(("pre", "suf", "mid"), FIM_TOKENS):
+            w.add_uint32(f"tokenizer.ggml.fim_{key}_token_id", token)
 
     rng = np.random.default_rng(seed)
 

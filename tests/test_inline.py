@@ -1,0 +1,271 @@
+"""Ghost text: the stop rules as pure functions, the engine path on the tiny
+model (deterministic, progressive through the memo), type-through, FIM on a
+tiny model whose vocabulary declares FIM tokens."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+from test_session import BASE
+
+from lsp_llm.config import Settings
+from lsp_llm.documents import Document, Vocab
+from lsp_llm.engine import Engine
+from lsp_llm.inline import (
+    FIM_SESSION,
+    Around,
+    Inline,
+    Request,
+    Rules,
+    Suggestion,
+    fim_suffix,
+    request_at,
+    scan,
+    shape,
+    suggest,
+)
+from lsp_llm.model import FimTokens, Model
+
+FOUR = Rules(lines=4)
+
+
+def around(prefix: bytes, rest: bytes = b"", next_line: bytes = b"", crlf: bool = False) -> Around:
+    return Around(prefix, rest, next_line, crlf)
+
+
+def shown(text: bytes, at: Around, rules: Rules = FOUR, ended: bool = False) -> str | None:
+    out = shape(text, at, rules, ended)
+    return None if out is None else out.text
+
+
+# -- stop rules ----------------------------------------------------------------------
+def test_a_line_indented_less_than_the_cursor_ends_the_block() -> None:
+    at = around(b"    ")
+    assert shown(b"x = 1\n    y = 2\ndef f():\n", at) == "x = 1\n    y = 2"
+    cut = scan(b"x = 1\n    y = 2\ndef", at, FOUR)
+    assert cut.final and cut.end == len(b"x = 1\n    y = 2")  # known as soon as the line has a word
+
+
+def test_continuing_a_line_completes_that_statement_only() -> None:
+    assert shown(b" 10\ny = 2\n", around(b"x =")) == " 10"
+    # a block opened at the cursor's line: its body, up to the next line at its level
+    assert shown(b"\n    return 1\n\ndef g():\n", around(b"def f():")) == "\n    return 1"
+
+
+def test_a_closing_line_ends_the_block_and_is_included() -> None:
+    at = around(b"  ", next_line=b"")
+    assert shown(b"return 1;\n}\nfoo();\n", at) == "return 1;\n}"
+    # unless it is already there after the cursor
+    assert shown(b"return 1;\n}\nfoo();\n", around(b"  ", next_line=b"}")) == "return 1;"
+
+
+def test_closing_a_bracket_opened_before_the_cursor_ends_the_suggestion() -> None:
+    assert shown(b"'hi')\nprint('more')\n", around(b"print(")) == "'hi')"
+    assert shown(b"'a(b')\nx\n", around(b"f(")) == "'a(b')"  # brackets inside quotes do not count
+    # unless that line opens a block
+    cut = scan(b"x):\n        return 1\n", around(b"    if f("), FOUR)
+    assert not cut.final
+
+
+def test_a_line_already_after_the_cursor_is_not_repeated() -> None:
+    at = around(b"    ", next_line=b"return x")
+    assert shown(b"y = 1\n    return x\n", at) == "y = 1"
+    assert shown(b"return x\n", at) is None  # the first line itself
+
+
+def test_the_rest_of_the_line_is_replaced_when_the_suggestion_repeats_it() -> None:
+    out = shape(b"'hi')\n", around(b"print(", rest=b")"), FOUR, False)
+    assert out is not None and out.text == "'hi')" and out.replace
+    out = shape(b"'hi', end='')\n", around(b"print(", rest=b")"), FOUR, False)
+    assert out is not None and out.replace  # the rest is inside the first line
+    # otherwise it is inserted before the rest, on one line only
+    out = shape(b"'hi'\n    x = 1\n", around(b"    print(", rest=b")"), FOUR, False)
+    assert out is not None and out.text == "'hi'" and not out.replace
+    # mid-line in code the model cannot see (no FIM): nothing
+    assert shape(b"a, b\n", around(b"x = f(", rest=b"value, other)"), FOUR, False) is None
+    assert shape(b"a, b\n", around(b"x = f(", rest=b"value, other)"), FOUR, False, fim=True) is not None
+
+
+def test_crlf_documents_get_crlf_suggestions() -> None:
+    at = around(b"    ", crlf=True)
+    assert shown(b"a = 1\r\n    b = 2\r\ndef", at) == "a = 1\r\n    b = 2"
+    assert Around.at(b"x = 1\r\n    y\r\n\r\n  z\r\n", 12) == Around(b"    y", b"", b"z", True)
+
+
+def test_only_punctuation_whitespace_or_too_short_is_skipped() -> None:
+    for text in (b")\n", b"):\n", b"   \n\n", b"x", b""):
+        assert shown(text, around(b"    "), ended=True) is None, text
+    assert shown(b"x = 1", around(b"    "), ended=True) == "x = 1"
+
+
+def test_stop_strings_lines_blank_lines_and_trailing_whitespace() -> None:
+    assert shown(b"x = 1  # note\n", around(b""), Rules(4, (b"#",))) == "x = 1"
+    two = Rules(lines=2)
+    assert shown(b"a = 1\nb = 2\nc = 3\n", around(b""), two) == "a = 1\nb = 2"
+    assert shown(b"\na = 1\nb = 2\nc = 3\n", around(b"x = 0"), two) is None  # continuing: one statement
+    assert shown(b"\n    a = 1\n    b = 2\n    c\n", around(b"def f():"), two) == "\n    a = 1\n    b = 2"
+    assert shown(b"a = 1   \n\n\nb = 2\n", around(b"")) == "a = 1"
+
+
+def test_a_suggestion_cut_short_keeps_whole_balanced_lines() -> None:
+    # the budget or the token limit cut it: the partial line goes, and so do
+    # lines inside a bracket it opened and did not close
+    assert shown(b"x = 1\nfoo(\n    a,\n    b", around(b"")) == "x = 1"
+    assert shown(b"x = foo(1,", around(b"")) == "x = foo(1,"  # a first line is kept
+    assert shown(b"x = 1\ny = 2\nz", around(b"")) == "x = 1\ny = 2"
+    assert shown(b"x = 1\ny = 2\nz", around(b""), ended=True) == "x = 1\ny = 2\nz"
+
+
+def test_around_the_cursor() -> None:
+    data = b"def f(x):\n    return g(x)\n\n\n    y = 2\n"
+    at = Around.at(data, data.index(b"g(") + 2)
+    assert at == Around(b"    return g(", b"x)", b"y = 2", False)
+    assert fim_suffix(data, data.index(b"g(") + 2, 1) == b"x)\n\n"
+    assert fim_suffix(data, 3, 100) == data[3:]
+
+
+# -- type-through ----------------------------------------------------------------------
+def test_type_through_answers_the_rest_of_what_was_shown() -> None:
+    cache = Inline()
+    before, after = b"def f():\n    ", b"\n\nx = 1\n"
+    cache.show("u", before, after, Suggestion("return 1\n    pass", False, True))
+    t = time.perf_counter()
+    hit = cache.type_through("u", before + b"ret" + after, len(before) + 3)
+    assert (time.perf_counter() - t) * 1000 < 10
+    assert hit is not None and hit.text == "urn 1\n    pass"
+    assert cache.type_through("u", before + b"rex" + after, len(before) + 3) is None  # typed something else
+    assert cache.type_through("u", before + b"ret" + after + b"!", len(before) + 3) is None  # text after changed
+    assert cache.type_through("u", b"#" + before[1:] + b"ret" + after, len(before) + 3) is None  # text before changed
+    assert cache.type_through("u", before + b"return 1\n    pass" + after, len(before) + 17) is None  # all typed
+    assert cache.type_through("v", before + b"ret" + after, len(before) + 3) is None  # another document
+    # the same place again: a complete suggestion is answered, an incomplete one goes to the engine
+    assert cache.type_through("u", before + after, len(before)) is not None
+    cache.show("u", before, after, Suggestion("return 1", False, False))
+    assert cache.type_through("u", before + after, len(before)) is None
+    cache.forget("u")
+    assert cache.type_through("u", before + b"ret" + after, len(before) + 3) is None
+
+
+def test_a_newer_request_cancels_the_older_one() -> None:
+    cache = Inline()
+    first = cache.newest("u")
+    second = cache.newest("u")
+    assert first.is_set() and not second.is_set()
+    cache.finished("u", second)
+    assert not second.is_set()
+
+
+# -- the engine path (tiny model) ---------------------------------------------------------
+def vocab_of(model: Model) -> Vocab:
+    return Vocab(lambda b: model.tokenize(b, add_bos=False), model.piece, model.bos if model.add_bos else None,
+                 lambda b: len(model.tokens_starting_with(b)) > 0)
+
+
+def run(engine: Engine, req: Request) -> Suggestion:
+    return engine.submit(lambda: suggest(engine, req, threading.Event())).result()
+
+
+SLOW = Settings(inline_budget_ms=60000, inline_lines=3, inline_tokens=24)
+TEXT = BASE + "def crab(x):\n    "
+
+
+def request(engine: Engine, text: str, s: Settings = SLOW, offset: int | None = None) -> Request:
+    doc = Document("file:///crab.py", text, 1, vocab_of(engine.model))
+    return request_at(doc, len(doc.data) if offset is None else offset, s, engine)
+
+
+@pytest.fixture
+def fresh(tiny: Model) -> Iterator[Engine]:
+    e = Engine(max_sessions=2, n_ctx=1024, n_branches=8, headroom=40)
+    e.submit(lambda: e.set_model(tiny)).result()
+    yield e
+    e.stop()
+
+
+def test_the_suggestion_is_the_greedy_path_and_the_same_on_a_fresh_engine(engine: Engine, fresh: Engine) -> None:
+    # a history on one engine (another prompt first), none on the other
+    run(engine, request(engine, BASE))
+    ours = run(engine, request(engine, TEXT))
+    theirs = run(fresh, request(fresh, TEXT))
+    assert ours.stats.tokens > 1
+    assert (ours.text, ours.complete, ours.stats.tokens) == (theirs.text, theirs.complete, theirs.stats.tokens)
+
+
+def test_asking_again_decodes_nothing(engine: Engine) -> None:
+    first = run(engine, request(engine, TEXT))
+    again = run(engine, request(engine, TEXT))
+    assert first.complete and first.stats.decode_calls > 0
+    assert again == first and again.stats.decode_calls == 0 and again.stats.decode_ms == 0
+    assert again.stats.memo_steps == again.stats.tokens - 1
+
+
+@pytest.fixture
+def gemma_engines(gemma: Model) -> Iterator[tuple[Engine, Engine]]:
+    """Two engines on the default model: one with a history, one fresh."""
+    engines = (Engine(2, 2048, 16, 80), Engine(2, 2048, 16, 80))
+    for e in engines:
+        e.submit(lambda e=e: e.set_model(gemma)).result()
+    yield engines
+    for e in engines:
+        e.stop()
+
+
+FUNCTION = 'import os\n\n\ndef read_lines(path):\n    """Return the lines of a file, without line breaks."""\n    '
+
+
+def test_a_budget_answers_early_with_whole_lines_and_asking_again_gets_more(
+        gemma_engines: tuple[Engine, Engine]) -> None:
+    engine, fresh = gemma_engines
+    hasty = replace(SLOW, inline_lines=3, inline_tokens=40, inline_budget_ms=0)
+    answers = []
+    for _ in range(40):
+        got = run(engine, request(engine, FUNCTION, hasty))
+        answers.append(got)
+        if got.complete:
+            break
+    texts = [a.text for a in answers]
+    assert len(answers) > 1 and got.complete, texts
+    assert all(a.stats.decode_calls <= 1 for a in answers[1:]), texts  # one step past what is known
+    assert all(a.text.startswith(b.text) for a, b in zip(answers[1:], answers)), texts  # growing
+    assert "\n" in got.text  # several lines
+    # the same suggestion as a fresh engine with no budget; asking again decodes nothing
+    assert run(fresh, request(fresh, FUNCTION, replace(hasty, inline_budget_ms=60000))) == got
+    again = run(engine, request(engine, FUNCTION, hasty))
+    assert again == got and again.stats.decode_calls == 0
+
+
+def test_fim_prompt_is_suffix_first_and_a_keystroke_refeeds_little(tiny_fim: Model) -> None:
+    assert tiny_fim.fim == FimTokens(6, 7, 8)
+    e = Engine(max_sessions=2, n_ctx=1024, n_branches=8, headroom=40)
+    try:
+        e.submit(lambda: e.set_model(tiny_fim)).result()
+        text = BASE + "def crab(x):\n    return x\n\n\nprint(crab(1))\n"
+        cursor = text.index("return x")
+        req = request(e, text, offset=cursor)
+        suffix = tiny_fim.tokenize(b"return x\n\n\nprint(crab(1))\n", False)
+        prefix = tiny_fim.tokenize(text[:cursor].encode(), True)
+        assert req.key == "file:///crab.py" + FIM_SESSION and req.fim
+        assert req.prompt[: 2 + len(suffix) + 1] == [tiny_fim.bos, 7, *suffix, 6]
+        assert req.prompt[-1] == 8 and prefix[1:-1] == req.prompt[2 + len(suffix) + 1 : -2]
+        run(e, req)
+        fed = []
+        for i, ch in enumerate("y = 1"):  # typing at the cursor
+            text = text[: cursor + i] + ch + text[cursor + i :]
+            run(e, request(e, text, offset=cursor + i + 1))
+            fed.append(e.stats[req.key].fed_last)
+        assert max(fed) <= 4, fed  # the changed tokens at the end of the prefix, and <MID>
+        off = request(e, text, replace(SLOW, fim=False), offset=cursor)
+        assert off.key == "file:///crab.py" and not off.fim
+    finally:
+        e.stop()
+
+
+def test_models_without_fim_tokens_use_the_prefix(engine: Engine, tiny: Model) -> None:
+    assert tiny.fim is None
+    req = request(engine, TEXT)
+    doc = Document("file:///crab.py", TEXT, 1, vocab_of(tiny))
+    assert req.key == "file:///crab.py" and not req.fim and req.prompt == doc.prompt()[0]
