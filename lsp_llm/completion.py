@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from .branches import Spare, extend
-from .engine import DocStats, Engine
-from .session import Session
+from .engine import DocStats, Engine, IdleTask
+from .session import Session, ShouldStop
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word
 SPARE_FIRSTS = 8  # first tokens beyond the items that free rows extend
@@ -78,6 +79,26 @@ def top_tokens(logits: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[
     return ids[top], np.exp(scores[top] - m) / z
 
 
+@dataclass(frozen=True)
+class Ask:
+    """A completion to compute: the prompt at the cursor (healed), the text
+    the first token must start with, and how many items."""
+
+    uri: str
+    prompt: list[int]
+    healed: bytes
+    mid_word: bool
+    items: int
+    line_tokens: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    candidates: list[Candidate]
+    paths: list[list[int]]  # each item's tokens (path 0: the likeliest, on to the end of the line)
+    words: list[int]  # how many tokens of each path its word item takes
+
+
 def candidates(
     engine: Engine,
     uri: str,
@@ -86,27 +107,38 @@ def candidates(
     mid_word: bool,
     items: int,
     line_tokens: int,
-    cancel: threading.Event,
+    should_stop: ShouldStop | None = None,
+    fed: threading.Event | None = None,
 ) -> list[Candidate]:
     """Engine thread: sync the document's session to the prompt, then extend
     the best first tokens that start with the healed text."""
-    if not prompt:
-        return []
+    return answer(engine, Ask(uri, prompt, healed, mid_word, items, line_tokens), should_stop, fed).candidates
+
+
+def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
+           fed: threading.Event | None = None) -> Answer:
+    """``candidates``, with the token paths behind them. ``fed`` is set once
+    the session holds the prompt (only generation is left)."""
+    if not ask.prompt:
+        return Answer([], [], [])
     t0, decode0 = time.perf_counter(), Session.decode_seconds
-    session = engine.sync(uri, prompt, cancel.is_set, healed)
+    session = engine.sync(ask.uri, ask.prompt, should_stop, ask.healed)
+    if fed is not None:
+        fed.set()
     t1 = time.perf_counter()
     model = engine.model
-    typed = healed
+    typed = ask.healed
     allowed = model.tokens_starting_with(typed) if typed else None
     if allowed is not None and not len(allowed):
-        return []  # no token fits the typed text
-    ids, probs = top_tokens(session.logits, min(items + SPARE_FIRSTS, engine.n_branches), allowed)
+        return Answer([], [], [])  # no token fits the typed text
+    ids, probs = top_tokens(session.logits, min(ask.items + SPARE_FIRSTS, engine.n_branches), allowed)
     usable = [i for i, t in enumerate(ids) if not model.is_eog(int(t))]
-    keep = usable[:items]
+    keep = usable[: ask.items]
     firsts = [int(ids[i]) for i in keep]
     p_first = {int(ids[i]): float(probs[i]) for i in keep}
     skip = len(typed)  # the healed text is already in the document
-    lines = line_tokens > 0  # the most likely candidate goes on to the end of the line
+    lines = ask.line_tokens > 0  # the most likely candidate goes on to the end of the line
+    mid_word = ask.mid_word
 
     def done(i: int, text: bytes) -> bool:
         rest = text[skip:]
@@ -114,16 +146,17 @@ def candidates(
 
     limits = [WORD_TOKENS] * len(firsts)
     if lines and limits:
-        limits[0] = max(line_tokens, WORD_TOKENS)
+        limits[0] = max(ask.line_tokens, WORD_TOKENS)
     memo = engine.exact_memo
     hits0 = engine.memo.hits
     # free batch rows extend the next likely first tokens, and every branch
     # to the end of the line, for the keystrokes to come
-    spare = Spare([int(ids[i]) for i in usable[items:]], lambda text: line_end(text[skip:]) is not None,
-                  max(line_tokens, WORD_TOKENS))
-    branches, generated = extend(session, firsts, done, limits, cancel.is_set, memo, spare=spare)
+    spare = Spare([int(ids[i]) for i in usable[ask.items :]], lambda text: line_end(text[skip:]) is not None,
+                  max(ask.line_tokens, WORD_TOKENS))
+    branches, generated = extend(session, firsts, done, limits, should_stop, memo, spare=spare)
     t2 = time.perf_counter()
     out: list[Candidate] = []
+    words: list[int] = []
     seen: set[str] = set()  # items are distinct by what they show
 
     def add(text: str, p: float, whole_line: bool = False) -> None:
@@ -139,12 +172,71 @@ def candidates(
             add(_decode(rest[:cut] if cut is not None else rest).rstrip(), p, whole_line=True)
         cut = word_end(rest, mid_word)
         add(_decode(rest[:cut] if cut is not None else rest), p)
-    st = engine.stats.setdefault(uri, DocStats())
+        words.append(_tokens_within(model, toks, skip + (len(rest) if cut is None else cut)))
+    if not engine.memo.preparing:  # idle work is not a request
+        _record(engine.stats.setdefault(ask.uri, DocStats()), generated, engine.memo.hits - hits0,
+                t0, t1, t2, Session.decode_seconds - decode0)
+    return Answer(out, branches, words)
+
+
+def _tokens_within(model: Any, toks: list[int], size: int) -> int:
+    """How many of toks fit in their first size bytes (at least one)."""
+    n, end = 0, 0
+    for t in toks:
+        end += len(model.piece(t))
+        if end > size:
+            break
+        n += 1
+    return max(1, n)
+
+
+def _record(st: DocStats, generated: int, memo_steps: int, t0: float, t1: float, t2: float,
+            decode_s: float) -> None:
     st.generated_total += generated
     st.generated_last = generated
-    st.memo_steps_last = engine.memo.hits - hits0
+    st.memo_steps_last = memo_steps
     st.feed_ms = (t1 - t0) * 1000
     st.generate_ms = (t2 - t1) * 1000
-    st.decode_ms = (Session.decode_seconds - decode0) * 1000
+    st.decode_ms = decode_s * 1000
     st.last_ms = (time.perf_counter() - t0) * 1000
-    return out
+    st.requests_total += 1
+    st.no_decode_total += decode_s == 0
+
+
+# -- idle work: the next keystrokes -------------------------------------------
+NEXT_CHARS = 2  # items whose next character is prepared
+DEPTH = 2  # words of the likeliest line prepared ahead
+
+
+def next_keystrokes(engine: Engine, ask: Ask, got: Answer) -> list[IdleTask]:
+    """Idle tasks that prepare the likeliest next completions, most likely
+    first: the next character of the top items (same prompt, longer healed
+    text), then finishing the likeliest word and going on along its line
+    (the prompt grows by the word; healed: the first character after it)."""
+    tasks: list[IdleTask] = []
+    model = engine.model
+    for c in got.candidates[:NEXT_CHARS]:
+        nxt = c.text[:1].encode()
+        if nxt and _is_ident(nxt[0]) and not c.whole_line:
+            tasks.append(_task(engine, replace(ask, healed=ask.healed + nxt, mid_word=True)))
+    if got.paths:
+        path, prompt = got.paths[0], ask.prompt
+        cut = got.words[0]
+        for _ in range(DEPTH):
+            if cut >= len(path) or model.is_eog(path[cut]):
+                break
+            head = model.piece(path[cut])[:1]
+            if not head:
+                break
+            prompt = prompt + path[:cut]
+            tasks.append(_task(engine, replace(ask, prompt=prompt, healed=head, mid_word=_is_ident(head[0]))))
+            path = path[cut:]
+            cut = max(1, _tokens_within(model, path, word_end(b"".join(map(model.piece, path)), False) or 0))
+    return tasks
+
+
+def _task(engine: Engine, ask: Ask) -> IdleTask:
+    def run(should_stop: ShouldStop) -> None:
+        answer(engine, ask, should_stop)
+
+    return run

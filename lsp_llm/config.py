@@ -26,6 +26,8 @@ class Settings:
     max_sessions: int = 4  # live llama.cpp contexts (LRU)
     items: int = 5  # word items per completion
     line_tokens: int = 12  # max tokens of the to-end-of-line item
+    read_budget_ms: int = 1000  # a request waits this long for a long read, then answers empty (isIncomplete)
+    saved_mb: int = 256  # host memory for the KV state of documents beyond maxSessions
     inline: bool = True  # ghost text (textDocument/inlineCompletion)
     inline_lines: int = 4  # max lines of ghost text
     inline_tokens: int = 64  # max tokens of ghost text
@@ -111,6 +113,8 @@ _VALIDATORS = {
     "max_sessions": _int_in(1, 64),
     "items": _int_in(1, 16),
     "line_tokens": _int_in(0, 256),
+    "read_budget_ms": _int_in(0, 600000),
+    "saved_mb": _int_in(0, 1 << 16),
     "inline": _bool,
     "inline_lines": _int_in(1, 64),
     "inline_tokens": _int_in(1, 512),

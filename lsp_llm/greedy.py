@@ -30,6 +30,12 @@ class GreedyMemo:
         self._steps: OrderedDict[Key, tuple[int, array[int] | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        # steps put while ``preparing`` (idle work) count as prepared until a
+        # get uses them: how much idle work paid off
+        self.preparing = False
+        self.prepared = 0
+        self.prepared_used = 0
+        self._unused: set[Key] = set()
 
     @staticmethod
     def prefix(tokens: Sequence[int]) -> hashlib.blake2b:
@@ -51,6 +57,9 @@ class GreedyMemo:
             return None
         self._steps.move_to_end(key)
         self.hits += 1
+        if key in self._unused and not self.preparing:
+            self._unused.discard(key)
+            self.prepared_used += 1
         return step[0]
 
     def top(self, key: Key) -> Sequence[int]:
@@ -61,13 +70,17 @@ class GreedyMemo:
     def put(self, key: Key, token: int, top: Sequence[int] = ()) -> None:
         old = self._steps.get(key)
         kept = array("i", top) if top else (old[1] if old is not None else None)  # compact: 4 bytes a token
+        if self.preparing and old is None:
+            self.prepared += 1
+            self._unused.add(key)
         self._steps[key] = (token, kept)
         self._steps.move_to_end(key)
         while len(self._steps) > self.capacity:
-            self._steps.popitem(last=False)
+            self._unused.discard(self._steps.popitem(last=False)[0])
 
     def clear(self) -> None:
         self._steps.clear()
+        self._unused.clear()
 
     def __len__(self) -> int:
         return len(self._steps)

@@ -45,7 +45,7 @@ def complete(engine: Engine, tiny: Model, text: str, line_tokens: int = 16) -> l
     prompt, healed = doc.prompt()
     mid = doc.word_start(len(doc.data)) < len(doc.data)
     return engine.submit(lambda: candidates(engine, "u", prompt, healed, mid, 5, line_tokens,
-                                                    threading.Event())).result()
+                                            threading.Event().is_set)).result()
 
 
 def test_items_extend_the_typed_word_and_are_deterministic(engine: Engine, tiny: Model) -> None:

@@ -6,13 +6,13 @@ depend on what was typed before."""
 from __future__ import annotations
 
 import sysconfig
-import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 from lsp_llm.calibrate import SAMPLE, branches_hold, rule_holds
-from lsp_llm.completion import candidates
+from lsp_llm.completion import Ask, answer, next_keystrokes
 from lsp_llm.documents import Document, Vocab
 from lsp_llm.engine import Engine
 from lsp_llm.model import Model
@@ -65,12 +65,23 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
     vocab = Vocab(lambda b: gemma.tokenize(b, add_bos=False), gemma.piece, gemma.bos,
                   lambda b: len(gemma.tokens_starting_with(b)) > 0)
 
-    def items(engine: Engine, text: str) -> list:
+    def items(engine: Engine, text: str, idle: bool = False) -> list:
+        """The items at the end of text; with idle, the engine then prepares
+        the next keystrokes (as the server does) before this returns."""
         doc = Document("u", text, 1, vocab)
         prompt, healed = doc.prompt()
-        mid = doc.word_start(len(doc.data)) < len(doc.data)
-        return engine.submit(lambda: candidates(engine, "u", prompt, healed, mid, 5, 12,
-                                                threading.Event())).result()
+        ask = Ask("u", prompt, healed, doc.word_start(len(doc.data)) < len(doc.data), 5, 12)
+
+        def job() -> list:
+            got = answer(engine, ask)
+            if idle:
+                engine.prepare("u", "completion", next_keystrokes(engine, ask, got))
+            return got.candidates
+
+        got = engine.submit(job).result()
+        while idle and engine.submit(lambda: bool(engine._plans)).result():
+            time.sleep(0.05)
+        return got
 
     warm, fresh_engine = (Engine(max_sessions=1, n_ctx=2048, n_branches=16, headroom=64) for _ in range(2))
     try:
@@ -79,13 +90,14 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
         typed, steps_from_memo = line.strip(), 0
         for i in range(len(typed) + 1):
             text = head + indent + typed[:i]
-            got = items(warm, text)
+            got = items(warm, text, idle=True)
             steps_from_memo += warm.stats["u"].memo_steps_last
             if i in (3, 7, len(typed)):  # inside a word, after a space, at the end
                 fresh_engine.memo.clear()
                 fresh_engine.submit(lambda: fresh_engine._drop("u")).result()
                 assert got == items(fresh_engine, text), typed[:i]
         assert steps_from_memo > 0
+        assert warm.memo.prepared_used > 0 and warm.idle_rows_total > 0  # idle work was done, and used
     finally:
         warm.stop()
         fresh_engine.stop()

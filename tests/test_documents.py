@@ -19,7 +19,7 @@ class Sink:
     def __init__(self) -> None:
         self.updates: list[tuple[str, list[int], int, bytes]] = []
 
-    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"") -> None:
+    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"", focus: bool = True) -> None:
         self.updates.append((uri, target, doc_tokens, healed))
 
     def forget(self, uri: str) -> None:

@@ -21,7 +21,7 @@ TEXT = b"def crab(x):\n    return x + 1\n\n" * 40
 def wait_idle(e: Engine, timeout: float = 30) -> None:
     end = time.time() + timeout
     while time.time() < end:
-        if e.submit(lambda: not e._dirty).result():
+        if e.submit(lambda: e._next_sync() is None and not e._plans).result():
             return
         time.sleep(0.01)
     raise AssertionError("engine never went idle")
@@ -61,22 +61,56 @@ def test_bursts_are_coalesced(engine: Engine, tiny: Model) -> None:
     assert engine.stats["a"].syncs == 1
 
 
-def test_lru_eviction_and_return(engine: Engine, tiny: Model) -> None:
+def test_lru_eviction_saves_and_restores_exactly(engine: Engine, tiny: Model) -> None:
     docs = {u: tiny.tokenize(TEXT[: 200 + 50 * i], True) for i, u in enumerate("abc")}
     for u, tgt in docs.items():
-        engine.update(u, tgt, len(tgt))
+        engine.update(u, tgt, len(tgt), focus=u == "a")  # "b" and "c" are opened, not typed in
         wait_idle(engine)
-    assert list(engine.sessions) == ["b", "c"]  # max_sessions=2: "a" was evicted
+    assert list(engine.sessions) == ["a", "b"]  # max_sessions=2: a background sync never evicts
+    engine.submit(lambda: engine.sync("c", docs["c"])).result()  # a request does: "a" is saved
+    assert list(engine.sessions) == ["b", "c"] and list(engine.saved) == ["a"]
     assert engine.stats["a"].cached == 0
     fed = engine.stats["a"].fed_total
     s = engine.submit(lambda: engine.sync("a", docs["a"])).result()
-    assert s.tokens == docs["a"] and engine.stats["a"].fed_total == fed + len(docs["a"])
-    assert list(engine.sessions) == ["c", "a"]
+    # coming back restores the saved sequence: nothing is re-fed, and it is exact
+    assert s.tokens == docs["a"] and engine.stats["a"].fed_total == fed and engine.stats["a"].restored == 1
+    assert list(engine.sessions) == ["c", "a"] and list(engine.saved) == ["b"]
+    more = docs["a"] + tiny.tokenize(b"x = crab(2)", False)
+    s = engine.submit(lambda: engine.sync("a", more)).result()
+    fresh = Session(tiny, 1024, 1)
+    fresh.sync(more)
+    assert np.array_equal(s.logits, fresh.logits)
+    fresh.close()
     # switching between live documents re-evaluates nothing
     before = {u: engine.stats[u].fed_total for u in "ca"}
     for u in "cacaca":
-        engine.submit(lambda u=u: engine.sync(u, docs[u])).result()
+        engine.submit(lambda u=u: engine.sync(u, docs[u] if u == "c" else more)).result()
     assert {u: engine.stats[u].fed_total for u in "ca"} == before
+
+
+def test_without_a_budget_an_evicted_document_is_read_again(tiny: Model) -> None:
+    e = Engine(max_sessions=1, n_ctx=1024, n_branches=2, headroom=8, saved_mb=0)
+    try:
+        e.submit(lambda: e.set_model(tiny)).result()
+        a, b = tiny.tokenize(TEXT[:200], True), tiny.tokenize(TEXT[:300], True)
+        for u, tgt in (("a", a), ("b", b), ("a", a)):
+            e.submit(lambda u=u, tgt=tgt: e.sync(u, tgt)).result()
+        assert not e.saved and e.stats["a"].fed_total == 2 * len(a)
+    finally:
+        e.stop()
+
+
+def test_background_syncs_serve_the_focus_first_and_never_evict_it(engine: Engine, tiny: Model) -> None:
+    gate = threading.Event()
+    engine.submit(gate.wait)  # edits pile up while the engine is busy
+    docs = {u: tiny.tokenize(TEXT[: 100 + 30 * i], True) for i, u in enumerate("abcd")}
+    engine.update("typed", tiny.tokenize(TEXT[:150], True), 0)  # the user types here...
+    for u, tgt in docs.items():
+        engine.update(u, tgt, len(tgt), focus=False)  # ...while files open in the background
+    gate.set()
+    wait_idle(engine)
+    assert "typed" in engine.sessions  # served first, and not evicted by the others
+    assert engine.stats["typed"].syncs == 1 and len(engine.sessions) == 2
 
 
 def test_cancel_stops_between_decode_calls(engine: Engine, tiny: Model) -> None:
