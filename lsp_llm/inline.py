@@ -357,7 +357,11 @@ def suggest(engine: Engine, req: Request, cancel: threading.Event) -> Suggestion
         return scan(body, req.around, req.rules).final
 
     def should_stop() -> bool:  # asked before each decode call
-        if cancel.is_set() or (progress.first_line_s is not None and time.perf_counter() - t0 > req.budget_s):
+        if cancel.is_set():
+            return True
+        # after the first line and the budget; but every request decodes at
+        # least once, so asking again always gets further
+        if progress.first_line_s is not None and stats.decode_calls and time.perf_counter() - t0 > req.budget_s:
             return True
         stats.decode_calls += 1
         return False

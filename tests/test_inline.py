@@ -4,12 +4,16 @@ tiny model whose vocabulary declares FIM tokens."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+import pytest_lsp
+from lsprotocol import types as t
+from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 from test_session import BASE
 
 from lsp_llm.config import Settings
@@ -269,3 +273,54 @@ def test_models_without_fim_tokens_use_the_prefix(engine: Engine, tiny: Model) -
     req = request(engine, TEXT)
     doc = Document("file:///crab.py", TEXT, 1, vocab_of(tiny))
     assert req.key == "file:///crab.py" and not req.fim and req.prompt == doc.prompt()[0]
+
+
+# -- end to end: the real server over stdio, default model ---------------------------------------
+SERVER = [sys.executable, "-m", "lsp_llm", "--threads", "2"]
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
+async def client(lsp_client: LanguageClient):
+    caps = client_capabilities("visual-studio-code")  # UTF-16 positions
+    await lsp_client.initialize_session(t.InitializeParams(
+        capabilities=caps, initialization_options={"inlineBudgetMs": 60000, "inlineLines": 3}))
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def ghost(client: LanguageClient, uri: str, line: int, col: int) -> list[t.InlineCompletionItem]:
+    res = await client.text_document_inline_completion_async(t.InlineCompletionParams(
+        context=t.InlineCompletionContext(trigger_kind=t.InlineCompletionTriggerKind.Automatic),
+        text_document=t.TextDocumentIdentifier(uri=uri), position=t.Position(line, col)))
+    assert isinstance(res, t.InlineCompletionList)
+    return res.items
+
+
+async def test_ghost_text_end_to_end(client: LanguageClient) -> None:
+    uri = "file:///tmp/lines.py"
+    call = "print('Zoë 🦀', "  # 19 bytes, 16 UTF-16 units
+    text = FUNCTION + "\n\n" + call + ")\n"
+    client.text_document_did_open(t.DidOpenTextDocumentParams(
+        t.TextDocumentItem(uri=uri, language_id="python", version=1, text=text)))
+    items = await ghost(client, uri, 5, 4)
+    assert len(items) == 1 and "\n" in items[0].insert_text, items  # several lines
+    assert items[0].range == t.Range(t.Position(5, 4), t.Position(5, 4))
+    # type-through: typing what it shows answers the rest, with no engine job
+    shown = items[0].insert_text
+    client.text_document_did_change(t.DidChangeTextDocumentParams(
+        text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=2),
+        content_changes=[t.TextDocumentContentChangePartial(
+            range=t.Range(t.Position(5, 4), t.Position(5, 4)), text=shown[:3])]))
+    items = await ghost(client, uri, 5, 7)
+    assert [it.insert_text for it in items] == [shown[3:]]
+    st = await client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="lsp-llm.stats", arguments=[uri]))
+    assert st["inline"]["type_through"] == 1 and st["inline"]["type_through_ms"] < 10
+    assert (await client.workspace_execute_command_async(
+        t.ExecuteCommandParams(command="lsp-llm.stats")))["fim"] is False  # Gemma 3 declares no FIM tokens
+    # before a closing bracket, in UTF-16 units
+    col = len(call.encode("utf-16-le")) // 2
+    assert col == 16 and len(call.encode()) == 19
+    items = await ghost(client, uri, 7, col)
+    assert items and items[0].range.start == t.Position(7, col)
+    assert items[0].range.end in (t.Position(7, col), t.Position(7, col + 1))  # the ")" if it repeats it
