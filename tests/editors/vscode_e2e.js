@@ -1,8 +1,10 @@
 // Drive a real VS Code (code-server) in headless Chromium through playwright-core:
 // open the file, type like a user, wait for the suggest widget to show lsp-llm's items,
 // accept one, check the editor, take screenshots.
-// Env: PW_CORE (path of the playwright-core package), CHROMIUM, URL, FILE_NAME, TYPED, EXPECTED, SHOTS (dir).
-// Prints one JSON line with the result.
+// MODE=suggest (default): the suggest widget, settings, restart. MODE=ghost: ghost text (inline
+// completions): shown, Tab, Ctrl+Right (a word), Escape, beside the suggest widget, switched off.
+// Env: PW_CORE (path of the playwright-core package), CHROMIUM, URL, FILE_NAME, FILE_PATH, TYPED, EXPECTED,
+// SHOTS (dir), SETTINGS_FILES (JSON list). Prints one JSON line with the result.
 'use strict';
 const fs = require('fs');
 const path = require('path');
@@ -26,6 +28,114 @@ async function waitFor(fn, timeoutMs, what, intervalMs = 100) {
     await new Promise((r) => setTimeout(r, intervalMs));
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; last: ${JSON.stringify(last)}`);
+}
+
+// The ghost text VS Code shows: the first line inline (.ghost-text-decoration), more lines below (.ghost-text).
+async function ghostText(page) {
+  return page.evaluate(() => {
+    const text = (e) => e.textContent.replace(/\u00a0/g, ' ');
+    const first = [...document.querySelectorAll('.monaco-editor .view-lines .ghost-text-decoration')].map(text).join('');
+    const more = [...document.querySelectorAll('.monaco-editor .ghost-text .view-line')].map(text);
+    return [first, ...more].join('\n');
+  });
+}
+
+// Save (Ctrl+S) and read the file back: what the buffer holds, without any ghost text.
+async function saved(page) {
+  await page.keyboard.press('Control+S');
+  await page.waitForTimeout(700);
+  return fs.readFileSync(process.env.FILE_PATH, 'utf8');
+}
+
+function setSettings(values) {
+  for (const file of JSON.parse(process.env.SETTINGS_FILES || '[]')) {
+    const settings = JSON.parse(fs.readFileSync(file, 'utf8'));
+    Object.assign(settings, values);
+    fs.writeFileSync(file, JSON.stringify(settings, null, 2));
+  }
+}
+
+async function suggestLabels(page) {
+  return page.$$eval('.editor-widget.suggest-widget.visible .monaco-list-row', (els) =>
+    els.map((e) => (e.querySelector('.label-name') || e).textContent.trim()));
+}
+
+// A new line after the cursor's line, TYPED typed key by key; then wait for ghost text (or not).
+async function typeLine(page, waitGhost) {
+  await page.keyboard.press('End');
+  await page.keyboard.press('Enter');
+  await page.waitForTimeout(200);
+  await page.keyboard.type(process.env.TYPED, { delay: 150 });
+  if (!waitGhost) return '';
+  const t0 = Date.now();
+  const ghost = await waitFor(async () => (await ghostText(page)).trim() && ghostText(page), 60000, 'ghost text');
+  log('ghost text after', Date.now() - t0, 'ms:', JSON.stringify(ghost));
+  return ghost;
+}
+
+async function ghostScenario(page, result) {
+  // Line 6, as the suggest scenario does.
+  await page.keyboard.press('Control+G');
+  await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
+  await page.keyboard.type('6', { delay: 30 });
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('.quick-input-widget', { state: 'hidden', timeout: 10000 });
+  await page.waitForTimeout(300);
+
+  // 1. Ghost text appears as you type; Tab accepts it.
+  result.accept_ghost = await typeLine(page, true);
+  await page.screenshot({ path: path.join(SHOTS, 'vscode-ghost.png') });
+  await page.keyboard.press('Tab');
+  await page.waitForTimeout(300);
+  result.accept_after = await saved(page);
+  await page.screenshot({ path: path.join(SHOTS, 'vscode-ghost-accepted.png') });
+
+  // 2. Beside the suggest widget (Ctrl+Space), then Escape twice: widget, then ghost text gone.
+  result.side_ghost = await typeLine(page, true);
+  await page.keyboard.press('Control+Space');
+  result.side_labels = await waitFor(async () => {
+    const labels = await suggestLabels(page);
+    return labels.some((l) => l.startsWith(process.env.TYPED) && l.length > process.env.TYPED.length) && labels;
+  }, 30000, 'the suggest widget with lsp-llm items');
+  result.side_ghost_with_widget = await ghostText(page);
+  await page.screenshot({ path: path.join(SHOTS, 'vscode-ghost-and-suggest.png') });
+  await page.keyboard.press('Escape');
+  await page.waitForTimeout(200);
+  if ((await ghostText(page)).trim()) await page.keyboard.press('Escape');
+  await page.waitForTimeout(1500);
+  result.dismissed_ghost = await ghostText(page);
+  result.dismissed = await saved(page);
+
+  // 3. Ctrl+Right accepts one word; the rest stays shown.
+  result.word_ghost = await typeLine(page, true);
+  await page.keyboard.press('Control+ArrowRight');
+  await page.waitForTimeout(500);
+  result.word_rest = await ghostText(page);
+  await page.keyboard.press('Escape');
+  result.word_after = await saved(page);
+
+  // 4. lsp-llm.inline.enabled false: no ghost text, the suggest widget still has our items.
+  setSettings({ 'lsp-llm.inline.enabled': false });
+  await page.waitForTimeout(1500);
+  await typeLine(page, false);
+  await page.waitForTimeout(3000);
+  result.inline_off_ghost = await ghostText(page);
+  await page.keyboard.press('Control+Space');
+  result.inline_off_labels = await waitFor(async () => {
+    const labels = await suggestLabels(page);
+    return labels.some((l) => l.startsWith(process.env.TYPED)) && labels;
+  }, 30000, 'the suggest widget with lsp-llm items').catch((e) => `${e}`);
+  await page.keyboard.press('Escape');
+
+  // 5. lsp-llm.popup.enabled false: ghost text again, no items of ours in the suggest widget.
+  setSettings({ 'lsp-llm.inline.enabled': true, 'lsp-llm.popup.enabled': false });
+  await page.waitForTimeout(1500);
+  result.popup_off_ghost = await typeLine(page, true);
+  await page.keyboard.press('Control+Space');
+  await page.waitForTimeout(3000);
+  result.popup_off_labels = await suggestLabels(page);
+  await page.screenshot({ path: path.join(SHOTS, 'vscode-popup-off.png') });
+  await page.keyboard.press('Escape');
 }
 
 (async () => {
@@ -65,6 +175,11 @@ async function waitFor(fn, timeoutMs, what, intervalMs = 100) {
 
     // Wait until the server knows the document (its stats answer for it) = status shows latency or model.
     await page.locator('.monaco-editor textarea').first().focus();
+    if (process.env.MODE === 'ghost') {
+      await ghostScenario(page, result);
+      result.ok = true;
+      return;
+    }
     // Go to line 6, end of line, new line, type the prefix key by key.
     await page.keyboard.press('Control+G');
     await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
@@ -173,6 +288,6 @@ async function waitFor(fn, timeoutMs, what, intervalMs = 100) {
   } finally {
     result.console_errors = consoleErrors.slice(0, 20);
     await browser.close();
+    process.stdout.write(JSON.stringify(result) + '\n');
   }
-  process.stdout.write(JSON.stringify(result) + '\n');
 })();

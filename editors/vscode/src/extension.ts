@@ -46,6 +46,11 @@ export function serverSettings(cfg: vscode.WorkspaceConfiguration = vscode.works
   return out;
 }
 
+/** `lsp-llm.<kind>.enabled`: popup items or ghost text on (read at each request, so a change applies at once). */
+function enabled(kind: 'popup' | 'inline'): boolean {
+  return vscode.workspace.getConfiguration(SECTION).get<boolean>(`${kind}.enabled`) ?? true;
+}
+
 function isPython(file: string): boolean {
   return /^python[0-9.]*(\.exe)?$/i.test(path.basename(file));
 }
@@ -192,7 +197,18 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
     traceOutputChannel: output,
     initializationOptions: serverSettings(),
     middleware: {
+      // lsp-llm.popup.enabled / lsp-llm.inline.enabled switch the two kinds of suggestions off
+      // independently: the provider stays registered, its results are dropped (no request).
       provideCompletionItem: async (document, position, ctx, token, next) => {
+        if (!enabled('popup')) return undefined;
+        const result = await next(document, position, ctx, token);
+        scheduleRefresh();
+        return result;
+      },
+      // vscode-languageclient registers the inline (ghost text) provider because the server
+      // advertises inlineCompletionProvider; VS Code shows its items as ghost text, Tab accepts.
+      provideInlineCompletionItems: async (document, position, ctx, token, next) => {
+        if (!enabled('inline')) return undefined;
         const result = await next(document, position, ctx, token);
         scheduleRefresh();
         return result;
