@@ -73,7 +73,7 @@ def serve(argv: list[str]) -> int:
             log.info("serving LSP on stdio")
             server.start_io()
     finally:
-        server.engine.stop()
+        server.engine.stop(timeout=1.0)
     return 0
 
 

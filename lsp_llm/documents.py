@@ -8,6 +8,7 @@ text before it. The engine is told about every new target (``Sink``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from bisect import bisect_right
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from .engine import DocTarget
 from .tokens import Piece, Tokenize, TokenMirror
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,11 @@ class Document:
         text = prefix.decode("utf-8", "surrogateescape")
         return line, _units(text, encoding)[-1]
 
+    def set_vocab(self, vocab: Vocab) -> None:
+        """Re-tokenize with another model's vocabulary."""
+        self.vocab = vocab
+        self.mirror = TokenMirror(vocab.tokenize, vocab.piece, self.data)
+
     # -- edits ----------------------------------------------------------------
     def replace(self, start: int, end: int, text: str) -> None:
         new = _encode(text)
@@ -192,6 +199,31 @@ class Document:
         return start
 
 
+@dataclass(frozen=True)
+class Mirror:
+    """A document as the server holds it: version, length in bytes and in
+    the negotiated position units, SHA-256 of its UTF-8 text, and whether a
+    bad change made it untrusted (``lsp-llm.document``)."""
+
+    uri: str
+    version: int
+    bytes: int
+    length: int  # in the units of encoding
+    encoding: str
+    sha256: str
+    stale: bool
+
+    @classmethod
+    def of(cls, doc: Document, encoding: Encoding) -> Mirror:
+        text = doc.data.decode("utf-8", "surrogatepass")
+        units = {"utf-8": len(doc.data), "utf-16": len(text.encode("utf-16-le", "surrogatepass")) // 2}
+        return cls(doc.uri, doc.version, len(doc.data), units.get(encoding.value, len(text)), encoding.value,
+                   hashlib.sha256(doc.data).hexdigest(), doc.stale)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
 def _encode(text: str) -> bytes:
     # lone surrogates (possible in JSON strings) must not crash the mirror
     return text.encode("utf-8", "surrogatepass")
@@ -205,13 +237,19 @@ class DocumentStore:
         self.sink = sink
         self.docs: dict[str, Document] = {}
 
-    def set_vocab(self, vocab: Vocab) -> None:
-        """A (new) model is loaded: re-tokenize every open document."""
+    def set_vocab(self, vocab: Vocab) -> dict[str, DocTarget]:
+        """A (new) model is loaded: re-tokenize every open document in place
+        (text, version, cursor and stale flag stay) and return the targets in
+        the new vocabulary. The sink is not told: the engine switches models
+        and targets in one step (``lifecycle.swap``)."""
         self.vocab = vocab
-        for uri, doc in list(self.docs.items()):
-            self.docs[uri] = fresh = Document(uri, doc.data.decode("utf-8", "surrogatepass"), doc.version, vocab)
-            fresh.cursor = doc.cursor
-            self._tell(uri, fresh)
+        for doc in self.docs.values():
+            doc.set_vocab(vocab)
+        return {uri: self._target(doc) for uri, doc in self.docs.items()}
+
+    def mirror(self, uri: str, encoding: Encoding) -> Mirror:
+        """What the server holds for a document, to compare with the editor."""
+        return Mirror.of(self.get(uri), encoding)
 
     def get(self, uri: str) -> Document:
         doc = self.docs.get(uri)
@@ -268,8 +306,14 @@ class DocumentStore:
                 self._tell(uri, doc)
 
     def _tell(self, uri: str, doc: Document) -> None:
+        target = self._target(doc)
+        self.sink.update(uri, target.prompt, target.doc_tokens, target.healed)
+
+    @staticmethod
+    def _target(doc: Document) -> DocTarget:
         prompt, healed = doc.prompt()
-        self.sink.update(uri, prompt, doc.n_tokens, healed)
+        return DocTarget(prompt, healed, doc.n_tokens)
+
 
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is None:

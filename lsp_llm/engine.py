@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .greedy import GreedyMemo
-from .session import Cancelled, Session, SyncResult
+from .session import Cancelled, Session, SyncResult, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ class DocStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class DocTarget:
+    """What a document asks of its session: its prompt, the healed text the
+    next completion starts with, and the document's length in tokens."""
+
+    prompt: list[int]
+    healed: bytes
+    doc_tokens: int
 
 
 @dataclass
@@ -93,6 +103,7 @@ class Engine:
         self._healed: dict[str, bytes] = {}
         self._dirty: OrderedDict[str, None] = OrderedDict()
         self._jobs: deque[_Job] = deque()
+        self._running: _Job | None = None
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lsp-llm-engine", daemon=True)
@@ -128,13 +139,42 @@ class Engine:
             self._cond.notify()
         return job.future
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the engine thread: the running job stops at its next decode
+        boundary (it is cancelled), queued jobs fail, contexts are freed.
+        Returns whether the thread ended within timeout (a model load is not
+        cancellable; the thread is a daemon, it does not keep the process)."""
         with self._cond:
             self._stopping = True
             for job in self._jobs:
                 job.cancel.set()
+            running = self._running
+            if running is not None:
+                running.cancel.set()
             self._cond.notify()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def swap_model(self, model: Any, n_ctx: int, targets: dict[str, DocTarget]) -> Future:
+        """Any thread: switch to model once the jobs already queued have run
+        (their token ids are the old vocabulary's). The documents' targets in
+        the new vocabulary replace the old ones in the same step, so no old id
+        reaches the new model and no new one the old model. The old model is
+        freed on the engine thread, by then unused. See ``lifecycle.swap``."""
+        job = _Job(lambda: self.set_model(model, n_ctx), Future())
+        job.future.add_done_callback(lambda f: model.close() if f.cancelled() or f.exception() else None)
+        with self._cond:
+            if self._stopping:
+                job.future.set_exception(RuntimeError("the engine is shutting down"))
+                return job.future
+            self._targets = {uri: d.prompt for uri, d in targets.items()}
+            self._healed = {uri: d.healed for uri, d in targets.items()}
+            self._dirty = OrderedDict.fromkeys(targets)
+            for uri, d in targets.items():
+                self.stats.setdefault(uri, DocStats()).tokens = d.doc_tokens
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future
 
     @property
     def exact_memo(self) -> GreedyMemo | None:
@@ -176,6 +216,15 @@ class Engine:
             job.future.set_exception(RuntimeError("the engine is shutting down"))
 
     def _run_job(self, job: _Job) -> None:
+        self._running = job  # stop() cancels it
+        try:
+            if self._stopping:
+                job.cancel.set()
+            self._run_job_now(job)
+        finally:
+            self._running = None
+
+    def _run_job_now(self, job: _Job) -> None:
         if job.cancel.is_set():
             job.future.cancel()
             return
@@ -232,7 +281,7 @@ class Engine:
         s = self.session(uri)
         st = self.stats.setdefault(uri, DocStats())
         progress = None
-        todo = len(fitted) - min(len(s.tokens), len(fitted))
+        todo = len(fitted) - common_prefix(s.tokens, fitted)  # tokens to feed again
         if self.on_progress is not None and todo >= PROGRESS_MIN_TOKENS:
             report = self.on_progress
 
@@ -281,10 +330,16 @@ class Engine:
             s.close()
         self.sessions.clear()
 
-    def set_model(self, model: Any) -> None:
-        """Engine thread only: switch models, dropping every session."""
+    def set_model(self, model: Any, n_ctx: int | None = None) -> None:
+        """Engine thread only: switch models, dropping every session and
+        freeing the old model. The targets must already be the new model's
+        (``swap_model`` sees to it)."""
         self._close_all()
         self.memo.clear()
+        if n_ctx is not None:
+            self.n_ctx = n_ctx
+        for st in self.stats.values():
+            st.cached = 0
         old, self.model = self.model, model
         if old is not None and old is not model:
             old.close()

@@ -160,7 +160,7 @@ class Model:
         add = add_bos and self.add_bos
         cap = len(data) + 8
         arr = (llama.llama_token * cap)()
-        n = llama.llama_tokenize(self._vocab, data, len(data), arr, cap, add, False)
+        n = llama.llama_tokenize(self._live_vocab(), data, len(data), arr, cap, add, False)
         if n < 0:  # buffer too small (cannot happen for byte-level vocabularies)
             cap = -n
             arr = (llama.llama_token * cap)()
@@ -172,7 +172,7 @@ class Model:
         cached = self._pieces.get(token)
         if cached is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama.llama_token_to_piece(self._live_vocab(), token, buf, len(buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
                 n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
@@ -229,6 +229,17 @@ class Model:
         if self._model:
             llama.llama_model_free(self._model)
             self._model = None
+
+    @property
+    def closed(self) -> bool:
+        return not self._model
+
+    def _live_vocab(self) -> llama.llama_vocab_p:
+        """The vocabulary, refusing to touch it once the model is freed (a
+        use-after-free would read freed memory or crash)."""
+        if not self._model:
+            raise ModelError(f"the model {self.name} was freed; its vocabulary is gone")
+        return self._vocab
 
 
 def _cpu_flags() -> str:

@@ -8,9 +8,8 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,21 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
-from . import __version__
+from . import __version__, lifecycle
 from .completion import Candidate, candidates
 from .config import Settings, apply_log_level
-from .default_model import cache_dir, default_model_path
-from .documents import Document, DocumentError, DocumentStore, Encoding, Vocab
+from .default_model import cache_dir
+from .documents import Document, DocumentError, DocumentStore, Encoding
 from .engine import Engine
 from .inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
+from .progress import ProgressReporter
 from .session import Cancelled, DecodeError
 
 log = logging.getLogger(__name__)
 
 STATS_COMMAND = "lsp-llm.stats"
+DOCUMENT_COMMAND = "lsp-llm.document"
+SHUTDOWN_WAIT_S = 0.9  # shutdown answers within a second even if the engine is busy
 TRIGGERS = [".", "(", "[", ",", " ", "="]
 _DROPPED = object()  # a message answered with an error while parsing it
 
@@ -98,6 +100,7 @@ class Server(LanguageServer):
         self.store = DocumentStore(None, self.engine)
         self.model_name = "(loading)"
         self.ready: asyncio.Future[bool] | None = None
+        self._serving: Settings | None = None  # the settings the serving model was loaded with
         self._progress = ProgressReporter(self)
         self.engine.on_progress = self._progress.from_engine
 
@@ -113,24 +116,38 @@ class Server(LanguageServer):
 
     # -- model ------------------------------------------------------------------
     async def load_model(self) -> bool:
-        """Load (or reload) the model on the engine thread, with progress."""
+        """Load (or reload) the model on the engine thread, with progress,
+        then swap it in with its vocabulary (see ``lifecycle``). A failed
+        reload keeps the old model serving."""
         s = self.settings
         title = "lsp-llm: loading " + (Path(s.model).name if s.model else "the default model")
-        async with self._progress.task(title):
+        loading = asyncio.wrap_future(self.engine.submit(lambda: lifecycle.load(s, cache_dir())))
+        async with self._progress.task(title):  # the load runs meanwhile
             try:
-                model = await asyncio.wrap_future(self.engine.submit(lambda: _load(self.engine, s)))
+                model = await loading
+                await asyncio.wrap_future(lifecycle.swap(self.store, self.engine, model, lifecycle.n_ctx_for(s, model)))
             except Exception as e:  # ModelError and llama.cpp failures alike
-                self.model_name = "(none)"
-                self.tell(t.MessageType.Error, str(e))
-                return False
-        self.model_name = model.name
-        self.store.set_vocab(Vocab(lambda b: model.tokenize(b, add_bos=False), model.piece,
-                                   model.bos if model.add_bos else None,
-                                   lambda b: len(model.tokens_starting_with(b)) > 0))
+                return self._load_failed(e)
+        self.model_name, self._serving = model.name, s
         log.info("model %s ready (%s); batch rule %s", model.name, model.description, model.batch_rule)
         return True
 
+    def _load_failed(self, e: Exception) -> bool:
+        """Tell the user; the model already serving, if any, goes on (and the
+        settings that would reload go back to its own)."""
+        if self._serving is None or self.engine.model is None:
+            self.model_name = "(none)"
+            self.tell(t.MessageType.Error, str(e))
+            return False
+        self.tell(t.MessageType.Error, f"{e}; still serving {self.model_name}")
+        self.settings = replace(self.settings, **{k: getattr(self._serving, k) for k in Settings.RELOAD})
+        return True
+
     async def wait_ready(self) -> bool:
+        """Whether a model serves: the one loaded (a reload swaps models
+        between jobs), else the first load's outcome."""
+        if self.engine.model is not None:
+            return True
         return bool(self.ready is not None and await asyncio.shield(self.ready))
 
     def apply_settings(self, raw: Any, initial: bool) -> None:
@@ -243,78 +260,6 @@ def _headroom(s: Settings) -> int:
     return max(s.line_tokens, s.inline_tokens) + 16
 
 
-def _load(engine: Engine, s: Settings) -> Any:
-    from .calibrate import calibrate
-    from .model import Model
-
-    path = Path(s.model) if s.model else default_model_path()
-    model = Model(path, threads=s.threads)
-    calibrate(model, cache_dir())
-    model.tokens_starting_with(b"")  # builds the prefix index now, not on the first keystroke
-    engine.n_ctx = min(s.n_ctx, model.n_ctx_train) if model.n_ctx_train > 0 else s.n_ctx
-    engine.set_model(model)
-    return model
-
-
-class ProgressReporter:
-    """$/progress for long work, when the client supports it."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.tokens: dict[str, str] = {}
-
-    def supported(self) -> bool:
-        caps = self.server.client_capabilities
-        return bool(caps and caps.window and caps.window.work_done_progress)
-
-    async def begin(self, title: str) -> str | None:
-        if not self.supported():
-            return None
-        token = str(uuid.uuid4())
-        try:
-            await self.server.work_done_progress.create_async(token)
-        except Exception as e:
-            log.debug("client refused a progress token: %s", e)
-            return None
-        self.server.work_done_progress.begin(token, t.WorkDoneProgressBegin(title=title, percentage=0))
-        return token
-
-    def end(self, token: str | None) -> None:
-        if token is not None:
-            self.server.work_done_progress.end(token, t.WorkDoneProgressEnd())
-
-    def task(self, title: str) -> _ProgressTask:
-        return _ProgressTask(self, title)
-
-    def from_engine(self, uri: str, done: int, total: int) -> None:
-        """Engine thread: a long feed started (done=0), moved, or ended (-1)."""
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._feed(uri, done, total)))
-
-    async def _feed(self, uri: str, done: int, total: int) -> None:
-        if done == 0:
-            token = await self.begin(f"lsp-llm: reading {uri.rsplit('/', 1)[-1]} ({total} tokens)")
-            if token:
-                self.tokens[uri] = token
-        elif done < 0:
-            self.end(self.tokens.pop(uri, None))
-        elif uri in self.tokens:
-            self.server.work_done_progress.report(
-                self.tokens[uri], t.WorkDoneProgressReport(percentage=min(100, done * 100 // max(total, 1))))
-
-
-class _ProgressTask:
-    def __init__(self, reporter: ProgressReporter, title: str) -> None:
-        self.reporter, self.title, self.token = reporter, title, None
-
-    async def __aenter__(self) -> None:
-        self.token = await self.reporter.begin(self.title)
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.reporter.end(self.token)
-
-
 def build(settings: Settings) -> Server:
     server = Server(settings)
 
@@ -406,9 +351,17 @@ def build(settings: Settings) -> Server:
             "documents": {u: s.as_dict() for u, s in list(ls.engine.stats.items())},
         }
 
+    @server.command(DOCUMENT_COMMAND)
+    def document(ls: Server, *args: Any) -> Any:
+        uri = args[0] if args else None
+        if not isinstance(uri, str) or uri not in ls.store.docs:
+            raise JsonRpcInvalidParams(f"{DOCUMENT_COMMAND}: unknown document {uri!r}")
+        return ls.store.mirror(uri, ls.encoding).as_dict()
+
     @server.feature(t.SHUTDOWN)
-    def shutdown(ls: Server, *args: Any) -> None:
-        ls.engine.stop()
+    async def shutdown(ls: Server, *args: Any) -> None:
+        # the running job stops at its next decode boundary; the loop goes on meanwhile
+        await asyncio.to_thread(ls.engine.stop, SHUTDOWN_WAIT_S)
 
     return server
 

@@ -1,0 +1,63 @@
+"""The model's lifecycle: load a model, then swap it in with its vocabulary
+as one step.
+
+The old and the new vocabulary must never meet:
+
+1. ``load`` runs on the engine thread. The old model keeps serving
+   meanwhile; if loading or calibration fails, the new model is freed and
+   the old one stays.
+2. ``swap`` runs on the event loop, in one step (no await): every document is
+   re-tokenized with the new vocabulary (the old model is still alive), and
+   the engine is told to switch once the jobs already queued have run (their
+   ids are the old vocabulary's). The documents' new targets replace the old
+   ones in the same step, so no old id reaches the new model.
+3. The engine thread switches and frees the old model: by then nothing holds
+   its vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+from .config import Settings
+from .default_model import default_model_path
+from .documents import DocumentStore, Vocab
+from .engine import Engine
+from .model import BatchRule, Model
+
+Calibrate = Callable[[Model, Path | None], BatchRule]
+
+
+def load(s: Settings, cache: Path | None, calibrate: Calibrate | None = None) -> Model:
+    """Engine thread: load and calibrate the model the settings name. On
+    failure the new model is freed and the error raised."""
+    if calibrate is None:
+        from .calibrate import calibrate
+    model = Model(Path(s.model) if s.model else default_model_path(), threads=s.threads)
+    try:
+        calibrate(model, cache)
+        model.tokens_starting_with(b"")  # builds the prefix index now, not on the first keystroke
+    except BaseException:
+        model.close()
+        raise
+    return model
+
+
+def n_ctx_for(s: Settings, model: Model) -> int:
+    return min(s.n_ctx, model.n_ctx_train) if model.n_ctx_train > 0 else s.n_ctx
+
+
+def vocab_of(model: Model) -> Vocab:
+    return Vocab(lambda b: model.tokenize(b, add_bos=False), model.piece,
+                 model.bos if model.add_bos else None,
+                 lambda b: len(model.tokens_starting_with(b)) > 0)
+
+
+def swap(store: DocumentStore, engine: Engine, model: Model, n_ctx: int) -> Future:
+    """Event loop, one step: the documents take the new vocabulary and the
+    engine switches to model after its queued jobs. The future is done when
+    the engine has switched (and freed the old model)."""
+    targets = store.set_vocab(vocab_of(model))
+    return engine.swap_model(model, n_ctx, targets)
