@@ -393,7 +393,8 @@ def extend_task(engine: Engine, req: Request, more_lines: int) -> Callable[[Shou
     ``more_lines`` lines past its limit, with no budget. That fills the memo
     with the rest of a suggestion the budget cut short, and with what comes
     after it once it is accepted (the next suggestion walks it for free).
-    Stopping early loses nothing that was computed."""
+    Preempted, it raises Cancelled (the engine runs it again later); the
+    steps it computed stay in the memo."""
 
     def run(should_stop: ShouldStop) -> None:
         memo = engine.exact_memo
@@ -409,10 +410,7 @@ def extend_task(engine: Engine, req: Request, more_lines: int) -> Callable[[Shou
         def done(_i: int, text: bytes) -> bool:
             return text[skip:].count(b"\n") >= lines
 
-        try:
-            extend(session, [first], done, [req.max_tokens * 2], should_stop, memo)
-        except Cancelled:
-            pass
+        extend(session, [first], done, [req.max_tokens * 2], should_stop, memo)  # Cancelled: retried later
 
     return run
 

@@ -26,6 +26,7 @@ from lsp_llm.inline import (
     Request,
     Rules,
     Suggestion,
+    extend_task,
     fim_suffix,
     request_at,
     scan,
@@ -33,6 +34,7 @@ from lsp_llm.inline import (
     suggest,
 )
 from lsp_llm.model import FimTokens, Model
+from lsp_llm.session import Cancelled
 
 FOUR = Rules(lines=4)
 
@@ -251,10 +253,9 @@ def test_fim_prompt_is_suffix_first_and_a_keystroke_refeeds_little(tiny_fim: Mod
         cursor = text.index("return x")
         req = request(e, text, offset=cursor)
         suffix = tiny_fim.tokenize(b"return x\n\n\nprint(crab(1))\n", False)
-        prefix = tiny_fim.tokenize(text[:cursor].encode(), True)
+        prefix, _ = Document("file:///crab.py", text, 1, vocab_of(tiny_fim)).prompt(cursor)
         assert req.key == "file:///crab.py" + FIM_SESSION and req.fim
-        assert req.prompt[: 2 + len(suffix) + 1] == [tiny_fim.bos, 7, *suffix, 6]
-        assert req.prompt[-1] == 8 and prefix[1:-1] == req.prompt[2 + len(suffix) + 1 : -2]
+        assert req.prompt == [tiny_fim.bos, 7, *suffix, 6, *prefix[1:], 8]
         run(e, req)
         fed = []
         for i, ch in enumerate("y = 1"):  # typing at the cursor
@@ -324,3 +325,14 @@ async def test_ghost_text_end_to_end(client: LanguageClient) -> None:
     items = await ghost(client, uri, 7, col)
     assert items and items[0].range.start == t.Position(7, col)
     assert items[0].range.end in (t.Position(7, col), t.Position(7, col + 1))  # the ")" if it repeats it
+
+
+def test_idle_work_prepares_more_and_yields_when_told(engine: Engine) -> None:
+    short = request(engine, TEXT, replace(SLOW, inline_tokens=8))
+    run(engine, short)
+    task = extend_task(engine, short, more_lines=4)
+    with pytest.raises(Cancelled):  # preempted before its first decode: tried again later
+        engine.submit(lambda: task(lambda: True)).result()
+    engine.submit(lambda: task(lambda: False)).result()
+    longer = run(engine, request(engine, TEXT, replace(SLOW, inline_tokens=16)))
+    assert longer.stats.tokens == 16 and longer.stats.decode_calls == 0  # all from the memo
