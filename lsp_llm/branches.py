@@ -65,8 +65,7 @@ def decode_rows(
     """Decode branch rows in as few canonical calls as fit; a branch's first
     row (index 0) copies the document sequence into the branch's sequence.
     Returns ``read(row, logits)`` for each (branch, index) that wants logits."""
-    rule = session.rule
-    step = session.rows - session.rows % rule.multiple
+    step = session.branch_step
     out: dict[tuple[int, int], Any] = {}
     b = session.batch
     for c in range(0, len(rows), step):
@@ -177,7 +176,7 @@ def extend(
     prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
     sparing = spare is not None and memo is not None  # spare work only fills the memo
     index = DraftIndex(session.tokens) if drafts else None
-    step = session.rows - session.rows % session.rule.multiple
+    step = session.branch_step
 
     def check(i: int) -> None:
         """Settle branch i's item once it is complete."""

@@ -40,7 +40,8 @@ class Vocab:
 
 
 class Sink(Protocol):
-    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"") -> None: ...
+    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"",
+               focus: bool = True) -> None: ...
     def forget(self, uri: str) -> None: ...
 
 
@@ -269,7 +270,7 @@ class DocumentStore:
             log.info("%s: opened again; replacing its text", uri)
         doc = self.docs[uri] = Document(uri, text, version, self.vocab)
         if self.vocab is not None:
-            self._tell(uri, doc)
+            self._tell(uri, doc, focus=False)
 
     def change(self, uri: str, version: int, changes: list[tuple[tuple[int, int, int, int] | None, str]],
                encoding: Encoding) -> None:
@@ -300,20 +301,20 @@ class DocumentStore:
         """A request at offset: the user is there, so the background prepares
         that prompt (not, say, the end of a file just opened)."""
         doc = self.get(uri)
-        if doc.cursor != offset:
-            doc.cursor = offset
-            if self.vocab is not None:
-                self._tell(uri, doc)
+        doc.cursor = offset
+        if self.vocab is not None:
+            self._tell(uri, doc)  # also puts the document in focus
 
-    def _tell(self, uri: str, doc: Document) -> None:
+    def _tell(self, uri: str, doc: Document, focus: bool = True) -> None:
+        """The document's new prompt; an edit or a request puts it in focus
+        (the engine serves it first), an open does not."""
         target = self._target(doc)
-        self.sink.update(uri, target.prompt, target.doc_tokens, target.healed)
+        self.sink.update(uri, target.prompt, target.doc_tokens, target.healed, focus)
 
     @staticmethod
     def _target(doc: Document) -> DocTarget:
         prompt, healed = doc.prompt()
         return DocTarget(prompt, healed, doc.n_tokens)
-
 
     def close(self, uri: str) -> None:
         if self.docs.pop(uri, None) is None:

@@ -1,19 +1,28 @@
 """The engine thread: the only thread that calls into llama.cpp.
 
 It owns the model sessions (an LRU pool of llama.cpp contexts, one document
-per context) and runs two kinds of work:
+per context, plus saved sequences in host memory) and decides, in one place
+(``Engine._next``), what runs next:
 
-- jobs (completion requests, model loads), first come first served;
-- background syncs: when a document's target changes, its session is
-  brought up to date while the editor is idle. Only the newest target of
-  each document is kept, and a running sync stops between decode calls as
-  soon as a newer target or a job arrives, so superseded text is never fed.
+1. jobs (completion requests, model loads), first come first served;
+2. background syncs: when a document's target changes, its session is
+   brought up to date. The document at the cursor (``focus``) goes first,
+   then the most recently edited. A background sync never evicts a live
+   session: only the focus document, or a request, may take one;
+3. idle work (``prepare``): what the next keystrokes will most likely ask
+   for, while nothing else is waiting. It is bounded, and a plan is dropped
+   as soon as its document's target changes.
+
+Anything later in that list stops at its next decode boundary when anything
+earlier arrives, so superseded text is never fed and a request waits at most
+one decode call for idle work.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,12 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .greedy import GreedyMemo
-from .session import Cancelled, Session, SyncResult, common_prefix
+from .session import Cancelled, SavedState, Session, ShouldStop, SyncResult, common_prefix
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ProgressFn = Callable[[str, int, int], None]  # (uri, done, total)
+IdleTask = Callable[[ShouldStop], None]  # engine thread; raises Cancelled when told to stop
 
 PROGRESS_MIN_TOKENS = 512  # feeds this long (about a second) report progress
 
@@ -48,6 +58,9 @@ class DocStats:
     generate_ms: float = 0.0  # ... of which extending the candidates
     decode_ms: float = 0.0  # ... of which inside llama_decode (the rest is overhead)
     window_start: int = 0
+    requests_total: int = 0  # completions answered
+    no_decode_total: int = 0  # ... of which with no decode call at all
+    restored: int = 0  # times the session came back from host memory
 
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -70,6 +83,37 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Plan:
+    """Idle work for one document, made for one of its targets."""
+
+    target: list[int] | None
+    tasks: dict[str, deque[IdleTask]] = field(default_factory=dict)  # by kind, in order
+
+    def next(self) -> tuple[str, IdleTask] | None:
+        for kind, queue in self.tasks.items():
+            if queue:
+                return kind, queue[0]
+        return None
+
+
+@dataclass
+class _Sync:
+    uri: str
+    target: list[int]
+
+
+@dataclass
+class _Idle:
+    uri: str
+    plan: _Plan
+    kind: str
+    task: IdleTask
+
+
+SAVED_MB = 256  # default host-memory budget for saved sequences
+
+
 def window(target: list[int], n_ctx: int, headroom: int, has_bos: bool) -> tuple[list[int], int]:
     """Fit a target into a context, leaving ``headroom`` for generation.
 
@@ -89,19 +133,26 @@ def window(target: list[int], n_ctx: int, headroom: int, has_bos: bool) -> tuple
 
 
 class Engine:
-    def __init__(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int) -> None:
+    def __init__(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int,
+                 saved_mb: int = SAVED_MB) -> None:
         self.max_sessions = max_sessions
+        self.saved_bytes = saved_mb << 20  # budget for sequences saved in host memory
         self.n_ctx = n_ctx
         self.n_branches = n_branches
         self.headroom = headroom
         self.model: Any = None  # lsp_llm.model.Model once loaded
         self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.saved: OrderedDict[str, SavedState] = OrderedDict()  # LRU, within saved_bytes
         self.stats: dict[str, DocStats] = {}
+        self.focus: str | None = None  # the document at the cursor
+        self.idle_ms_total = 0.0
+        self.idle_rows_total = 0
         self.memo = GreedyMemo()  # greedy steps of the current model
         self.on_progress: ProgressFn | None = None
         self._targets: dict[str, list[int]] = {}
         self._healed: dict[str, bytes] = {}
         self._dirty: OrderedDict[str, None] = OrderedDict()
+        self._plans: dict[str, _Plan] = {}
         self._jobs: deque[_Job] = deque()
         self._running: _Job | None = None
         self._cond = threading.Condition()
@@ -110,15 +161,22 @@ class Engine:
         self._thread.start()
 
     # -- called from any thread ----------------------------------------------
-    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"") -> None:
+    def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"", focus: bool = True) -> None:
         """The document's newest prompt, and the text the next completion's
-        first token must start with (it picks what the feed probes)."""
+        first token must start with (it picks what the feed probes). An edit
+        or a request puts the document in focus. A new target drops the
+        document's idle plan (it was made for the old one)."""
         with self._cond:
-            self._targets[uri] = target
+            old = self._targets.get(uri)
+            if old != target:
+                self._targets[uri] = target
+                self._dirty[uri] = None
+                self._dirty.move_to_end(uri)
+                self._plans.pop(uri, None)
             self._healed[uri] = healed
             self.stats.setdefault(uri, DocStats()).tokens = doc_tokens
-            self._dirty[uri] = None
-            self._dirty.move_to_end(uri)
+            if focus:
+                self.focus = uri
             self._cond.notify()
 
     def forget(self, uri: str) -> None:
@@ -126,8 +184,22 @@ class Engine:
             self._targets.pop(uri, None)
             self._healed.pop(uri, None)
             self._dirty.pop(uri, None)
+            self._plans.pop(uri, None)
             self.stats.pop(uri, None)
+            if self.focus == uri:
+                self.focus = None
         self.submit(lambda: self._drop(uri))
+
+    def prepare(self, uri: str, kind: str, tasks: list[IdleTask]) -> None:
+        """Idle work for the document's current target, replacing earlier
+        tasks of the same kind. Dropped when the target changes."""
+        with self._cond:
+            target = self._targets.get(uri)
+            plan = self._plans.get(uri)
+            if plan is None or plan.target is not target:
+                plan = self._plans[uri] = _Plan(target)
+            plan.tasks[kind] = deque(tasks)
+            self._cond.notify()
 
     def submit(self, fn: Callable[[], T], cancel: threading.Event | None = None) -> Future:
         job = _Job(fn, Future(), cancel or threading.Event())
@@ -170,6 +242,7 @@ class Engine:
             self._targets = {uri: d.prompt for uri, d in targets.items()}
             self._healed = {uri: d.healed for uri, d in targets.items()}
             self._dirty = OrderedDict.fromkeys(targets)
+            self._plans.clear()  # idle work made of old ids
             for uri, d in targets.items():
                 self.stats.setdefault(uri, DocStats()).tokens = d.doc_tokens
             self._jobs.append(job)
@@ -181,6 +254,18 @@ class Engine:
         """The memo, if this CPU's batch rule is exact (else reuse could
         change items)."""
         return self.memo if self.model is not None and self.model.batch_rule.exact else None
+
+    def idle_stats(self) -> dict[str, Any]:
+        """Idle work so far: time, rows decoded, greedy steps prepared and
+        how many of them a later request used; sequences kept in host memory."""
+        return {
+            "idle_ms_total": round(self.idle_ms_total, 3),
+            "idle_rows_total": self.idle_rows_total,
+            "idle_steps": self.memo.prepared,
+            "idle_steps_used": self.memo.prepared_used,
+            "saved_documents": len(self.saved),
+            "saved_mb": round(self.saved_mb, 1),
+        }
 
     @property
     def decode_ms_total(self) -> float:
@@ -195,25 +280,56 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._jobs and not (self._dirty and self.model):
+                while not self._stopping and (work := self._next()) is None:
                     self._cond.wait()
                 if self._stopping:
                     break
-                job = self._jobs.popleft() if self._jobs else None
-                uri = None
-                if job is None:
-                    uri, _ = self._dirty.popitem(last=False)
-                    target = self._targets[uri]
-            if job is not None:
-                self._run_job(job)
+            if isinstance(work, _Job):
+                self._run_job(work)
+            elif isinstance(work, _Sync):
+                self._background_sync(work.uri, work.target)
             else:
-                self._background_sync(uri, target)
+                self._run_idle(work)
         self._close_all()
         with self._cond:
             pending = list(self._jobs)
             self._jobs.clear()
         for job in pending:
             job.future.set_exception(RuntimeError("the engine is shutting down"))
+
+    def _next(self) -> _Job | _Sync | _Idle | None:
+        """What the engine does next (under the lock): jobs, then syncs,
+        then idle work."""
+        if self._jobs:
+            return self._jobs.popleft()
+        if self.model is None:
+            return None
+        uri = self._next_sync()
+        if uri is not None:
+            del self._dirty[uri]
+            return _Sync(uri, self._targets[uri])
+        return self._next_idle()
+
+    def _next_sync(self) -> str | None:
+        """The focus document first, then the most recently edited ones that
+        can be synced without evicting a live session."""
+        order = [self.focus] if self.focus in self._dirty else []
+        order += [u for u in reversed(self._dirty) if u != self.focus]
+        for uri in order:
+            if uri == self.focus or uri in self.sessions or len(self.sessions) < self.max_sessions:
+                return uri
+        return None
+
+    def _next_idle(self) -> _Idle | None:
+        order = [self.focus] if self.focus in self._plans else []
+        order += [u for u in self._plans if u != self.focus]
+        for uri in order:
+            plan = self._plans[uri]
+            step = plan.next()
+            if step is not None:
+                return _Idle(uri, plan, *step)
+            del self._plans[uri]  # done: nothing likely is left to prepare
+        return None
 
     def _run_job(self, job: _Job) -> None:
         self._running = job  # stop() cancels it
@@ -226,7 +342,7 @@ class Engine:
 
     def _run_job_now(self, job: _Job) -> None:
         if job.cancel.is_set():
-            job.future.cancel()
+            job.future.set_exception(Cancelled())
             return
         if not job.future.set_running_or_notify_cancel():
             return
@@ -248,9 +364,38 @@ class Engine:
         except Exception:
             log.exception("%s: background sync failed", uri)
 
+    def _run_idle(self, work: _Idle) -> None:
+        """Run one idle task; jobs, edits and newer plans preempt it."""
+
+        def preempted() -> bool:
+            return (bool(self._jobs) or self._stopping or self._plans.get(work.uri) is not work.plan
+                    or self._next_sync() is not None)
+
+        t0, rows0 = time.perf_counter(), Session.decoded_rows
+        self.memo.preparing = True
+        try:
+            work.task(preempted)
+            done = True
+        except Cancelled:
+            done = False  # tried again when the engine is free, if the plan still holds
+        except Exception:
+            log.exception("%s: idle work failed", work.uri)
+            done = True
+        finally:
+            self.memo.preparing = False
+            self.idle_ms_total += (time.perf_counter() - t0) * 1000
+            self.idle_rows_total += Session.decoded_rows - rows0
+        if done:
+            with self._cond:
+                queue = work.plan.tasks.get(work.kind)
+                if queue and queue[0] is work.task:
+                    queue.popleft()
+
     # -- engine-thread helpers (also used by jobs) --------------------------------
     def session(self, uri: str) -> Session:
-        """The document's session, creating or recycling one (LRU)."""
+        """The document's session, creating or recycling one (LRU). An
+        evicted document's sequence is saved in host memory (within
+        ``saved_bytes``) and restored when it comes back."""
         s = self.sessions.get(uri)
         if s is not None:
             self.sessions.move_to_end(uri)
@@ -258,13 +403,30 @@ class Engine:
         if len(self.sessions) >= self.max_sessions:
             old_uri, s = self.sessions.popitem(last=False)
             log.debug("evicting the session of %s for %s", old_uri, uri)
-            if old_uri in self.stats:
-                self.stats[old_uri].cached = 0
-            s.reset()
+            self._save(old_uri, s)
         else:
             s = Session(self.model, self.n_ctx, self.n_branches)
         self.sessions[uri] = s
+        saved = self.saved.pop(uri, None)
+        if saved is not None and s.restore(saved):
+            st = self.stats.setdefault(uri, DocStats())
+            st.cached, st.restored = len(s.tokens), st.restored + 1
         return s
+
+    def _save(self, uri: str, s: Session) -> None:
+        """Keep an evicted session's sequence in host memory, if it fits."""
+        if uri in self._targets and s.tokens and self.saved_bytes > 0:
+            state = s.save()
+            self.saved[uri] = state
+            while self.saved and sum(v.nbytes for v in self.saved.values()) > self.saved_bytes:
+                self.saved.popitem(last=False)
+        if uri in self.stats:
+            self.stats[uri].cached = 0
+        s.reset()
+
+    @property
+    def saved_mb(self) -> float:
+        return sum(v.nbytes for v in self.saved.values()) / (1 << 20)
 
     def sync(
         self,
@@ -308,19 +470,20 @@ class Engine:
             for tok, after in result.probed.items():
                 memo.put(GreedyMemo.key(start_key, [tok]), after[0], after)
         st.window_start = start
-        st.reused_last, st.fed_last, st.probed_last = result.reused, result.fed, len(result.probed)
-        st.syncs += 1
+        if not self.memo.preparing:  # idle work guesses; the *_last counters are what the user got
+            st.reused_last, st.fed_last, st.probed_last = result.reused, result.fed, len(result.probed)
+            st.syncs += 1
         return s
 
     def resize(self, max_sessions: int) -> None:
         self.max_sessions = max_sessions
         while len(self.sessions) > max_sessions:
             uri, s = self.sessions.popitem(last=False)
-            if uri in self.stats:
-                self.stats[uri].cached = 0
+            self._save(uri, s)
             s.close()
 
     def _drop(self, uri: str) -> None:
+        self.saved.pop(uri, None)
         s = self.sessions.pop(uri, None)
         if s is not None:
             s.close()
@@ -329,6 +492,9 @@ class Engine:
         for s in self.sessions.values():
             s.close()
         self.sessions.clear()
+        self.saved.clear()
+        with self._cond:
+            self._plans.clear()
 
     def set_model(self, model: Any, n_ctx: int | None = None) -> None:
         """Engine thread only: switch models, dropping every session and

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, replace
@@ -20,12 +19,13 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
 from . import __version__, lifecycle
-from .completion import Candidate, candidates
+from .completion import Ask, Candidate, answer, next_keystrokes
 from .config import Settings, apply_log_level
 from .default_model import cache_dir
 from .documents import Document, DocumentError, DocumentStore, Encoding
 from .engine import Engine
 from .inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
+from .jobs import Latest, Ticket
 from .progress import ProgressReporter
 from .session import Cancelled, DecodeError
 
@@ -95,7 +95,8 @@ class Server(LanguageServer):
         super().__init__("lsp-llm", __version__, protocol_cls=Protocol, max_workers=2)
         self.settings = settings
         self.engine = Engine(settings.max_sessions, settings.n_ctx, n_branches=16,
-                             headroom=_headroom(settings))
+                             headroom=_headroom(settings), saved_mb=settings.saved_mb)
+        self.latest = Latest(self.engine)
         self.inline = Inline()
         self.store = DocumentStore(None, self.engine)
         self.model_name = "(loading)"
@@ -157,35 +158,44 @@ class Server(LanguageServer):
         old, self.settings = self.settings, new
         apply_log_level(new.log_level)
         self.engine.headroom = _headroom(new)
+        self.engine.saved_bytes = new.saved_mb << 20
         if new.max_sessions != old.max_sessions:
             self.engine.submit(lambda: self.engine.resize(new.max_sessions))
         if not initial and any(getattr(new, k) != getattr(old, k) for k in Settings.RELOAD):
             self.ready = asyncio.ensure_future(self.load_model())
 
     # -- completion -------------------------------------------------------------------
-    async def complete(self, uri: str, pos: t.Position) -> tuple[Document, int, int, list[Candidate]]:
+    async def complete(self, uri: str, pos: t.Position) -> t.CompletionList:
+        """Items at pos. Everything the answer needs from the document is
+        taken before the first await: the document may change meanwhile."""
         if not await self.wait_ready():
             raise DocumentError("no model is loaded (see the earlier error)")
         doc = self.store.trusted(uri)
-        offset = doc.offset(pos.line, pos.character, self.encoding)
+        enc = self.encoding
+        offset = doc.offset(pos.line, pos.character, enc)
         self.store.move_cursor(uri, offset)
         start = doc.word_start(offset)
+        rng = t.Range(_pos(doc, start, enc), _pos(doc, offset, enc))
+        partial = doc.data[start:offset].decode("utf-8", "replace")
         prompt, healed = doc.prompt(offset)
         s = self.settings
-        cancel = threading.Event()
-        fut = self.engine.submit(lambda: candidates(self.engine, uri, prompt, healed, start < offset, s.items,
-                                                    s.line_tokens, cancel), cancel)
+        ask = Ask(uri, prompt, healed, start < offset, s.items, s.line_tokens)
         try:
-            return doc, start, offset, await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            cancel.set()  # stops the engine between decode calls
-            raise
-        except Cancelled:
-            raise asyncio.CancelledError() from None
+            cands = await self.latest.run((uri, "completion"), lambda ticket: self._answer(ask, ticket),
+                                          s.read_budget_ms / 1000)
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
+        return t.CompletionList(is_incomplete=True, items=[
+            _item(i, partial, c, rng) for i, c in enumerate(cands or [])
+        ])
 
+    def _answer(self, ask: Ask, ticket: Ticket) -> list[Candidate]:
+        """Engine thread: the items, then idle work for the next keystrokes."""
+        got = answer(self.engine, ask, ticket.should_stop, ticket.fed)
+        if self.engine.exact_memo is not None:
+            self.engine.prepare(ask.uri, "completion", next_keystrokes(self.engine, ask, got))
+        return got.candidates
 
     # -- ghost text ---------------------------------------------------------------------
     async def suggest_inline(self, uri: str, pos: t.Position) -> InlineAnswer | None:
@@ -309,16 +319,10 @@ def build(settings: Settings) -> Server:
     @server.feature(t.TEXT_DOCUMENT_COMPLETION, t.CompletionOptions(trigger_characters=TRIGGERS))
     async def completion(ls: Server, params: t.CompletionParams) -> t.CompletionList:
         try:
-            doc, start, offset, cands = await ls.complete(params.text_document.uri, params.position)
+            return await ls.complete(params.text_document.uri, params.position)
         except DocumentError as e:
             log.warning("completion: %s", e)
             return t.CompletionList(is_incomplete=True, items=[])
-        enc = ls.encoding
-        rng = t.Range(_pos(doc, start, enc), _pos(doc, offset, enc))
-        partial = doc.data[start:offset].decode("utf-8", "replace")
-        return t.CompletionList(is_incomplete=True, items=[
-            _item(i, partial, c, rng) for i, c in enumerate(cands)
-        ])
 
     @server.feature(t.TEXT_DOCUMENT_INLINE_COMPLETION, t.InlineCompletionOptions())
     async def inline_completion(ls: Server, params: t.InlineCompletionParams) -> t.InlineCompletionList:
@@ -347,6 +351,7 @@ def build(settings: Settings) -> Server:
             "batch_rule": str(ls.engine.model.batch_rule) if ls.engine.model else None,
             "decode_ms_total": round(ls.engine.decode_ms_total, 3),
             "memo_steps": len(ls.engine.memo),
+            **ls.engine.idle_stats(),
             "fim": bool(ls.settings.fim and ls.engine.model is not None and ls.engine.model.fim is not None),
             "documents": {u: s.as_dict() for u, s in list(ls.engine.stats.items())},
         }

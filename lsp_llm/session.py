@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 DOC_SEQ = 0
 LOGITS_KEPT = 4  # tips whose logits a session remembers (BOS's is kept besides)
+# rows of a branch call: every one wants logits (1 MB each with a 262k
+# vocabulary), and llama.cpp keeps the largest output buffer a context ever
+# needed, so this bounds each context's memory
+BRANCH_ROWS = 32
 ShouldStop = Callable[[], bool]
 Progress = Callable[[int, int], None]
 
@@ -98,6 +102,12 @@ class Session:
     @property
     def rule(self) -> BatchRule:
         return self.model.batch_rule
+
+    @property
+    def branch_step(self) -> int:
+        """The most rows one branch call takes (a canonical size)."""
+        rows = min(self.rows, BRANCH_ROWS)
+        return rows - rows % self.rule.multiple
 
     def close(self) -> None:
         if self.ctx:
