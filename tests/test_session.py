@@ -93,8 +93,11 @@ def test_one_token_append_feeds_one_token(tiny: Model) -> None:
         s.sync(target[:-1])
         r = s.sync(target)
         assert (r.reused, r.fed) == (len(target) - 1, 1)
-        r = s.sync(target[:-1])  # backspace: the last token is re-fed for its logits
-        assert (r.reused, r.fed) == (len(target) - 2, 1)
+        r = s.sync(target[:-1])  # backspace to a remembered tip: no decode
+        assert (r.reused, r.fed) == (len(target) - 1, 0)
+        assert np.array_equal(s.logits, fresh_logits(tiny, target[:-1]))
+        r = s.sync(target[:-2])  # deeper: the last token is re-fed for its logits
+        assert (r.reused, r.fed) == (len(target) - 3, 1)
     finally:
         s.close()
 
