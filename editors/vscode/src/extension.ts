@@ -224,7 +224,7 @@ async function startClient(context: vscode.ExtensionContext): Promise<void> {
     output.appendLine(`[lsp-llm] failed to start ${server.command}: ${err}`);
     void vscode.window
       .showErrorMessage(
-        `lsp-llm: could not start the server (${server.command}). Install it (pip install lsp-llm) or set "lsp-llm.serverCommand".`,
+        `lsp-llm: could not start the server (${server.command}). Install it from a checkout (pip install ./lsp-llm) or set "lsp-llm.serverCommand".`,
         'Open Settings',
         'Show Log',
       )
