@@ -72,6 +72,7 @@ def test_a_closing_line_ends_the_block_and_is_included() -> None:
 def test_closing_a_bracket_opened_before_the_cursor_ends_the_suggestion() -> None:
     assert shown(b"'hi')\nprint('more')\n", around(b"print(")) == "'hi')"
     assert shown(b"'a(b')\nx\n", around(b"f(")) == "'a(b')"  # brackets inside quotes do not count
+    assert shown(b"b=2)\n    c = 1\n", around(b"    ")) == "b=2)"  # the last argument of a call
     # unless that line opens a block
     cut = scan(b"x):\n        return 1\n", around(b"    if f("), FOUR)
     assert not cut.final
@@ -145,6 +146,7 @@ def test_type_through_answers_the_rest_of_what_was_shown() -> None:
     assert hit is not None and hit.text == "urn 1\n    pass"
     assert cache.type_through("u", before + b"rex" + after, len(before) + 3) is None  # typed something else
     assert cache.type_through("u", before + b"ret" + after + b"!", len(before) + 3) is None  # text after changed
+    assert cache.type_through("u", before + b"ret" + b"#" + after[1:], len(before) + 3) is None  # same length
     assert cache.type_through("u", b"#" + before[1:] + b"ret" + after, len(before) + 3) is None  # text before changed
     assert cache.type_through("u", before + b"return 1\n    pass" + after, len(before) + 17) is None  # all typed
     assert cache.type_through("v", before + b"ret" + after, len(before) + 3) is None  # another document
