@@ -9,7 +9,6 @@ always gives the same candidates.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -108,23 +107,20 @@ def candidates(
     items: int,
     line_tokens: int,
     should_stop: ShouldStop | None = None,
-    fed: threading.Event | None = None,
 ) -> list[Candidate]:
     """Engine thread: sync the document's session to the prompt, then extend
     the best first tokens that start with the healed text."""
-    return answer(engine, Ask(uri, prompt, healed, mid_word, items, line_tokens), should_stop, fed).candidates
+    return answer(engine, Ask(uri, prompt, healed, mid_word, items, line_tokens), should_stop).candidates
 
 
 def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
-           fed: threading.Event | None = None) -> Answer:
-    """``candidates``, with the token paths behind them. ``fed`` is set once
-    the session holds the prompt (only generation is left)."""
+           deadline: float | None = None) -> Answer:
+    """``candidates``, with the token paths behind them. A long read still
+    going at ``deadline`` raises LongRead (see ``Engine.sync``)."""
     if not ask.prompt:
         return Answer([], [], [])
     t0, decode0 = time.perf_counter(), Session.decode_seconds
-    session = engine.sync(ask.uri, ask.prompt, should_stop, ask.healed)
-    if fed is not None:
-        fed.set()
+    session = engine.sync(ask.uri, ask.prompt, should_stop, ask.healed, deadline)
     t1 = time.perf_counter()
     model = engine.model
     typed = ask.healed

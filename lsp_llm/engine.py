@@ -114,6 +114,15 @@ class _Idle:
 SAVED_MB = 256  # default host-memory budget for saved sequences
 
 
+class LongRead(Exception):
+    """A request's read of its document outlasted its deadline; the read goes
+    on in the background."""
+
+
+def _until(deadline: float, should_stop: Callable[[], bool] | None) -> Callable[[], bool]:
+    return lambda: time.monotonic() >= deadline or (should_stop is not None and should_stop())
+
+
 def window(target: list[int], n_ctx: int, headroom: int, has_bos: bool) -> tuple[list[int], int]:
     """Fit a target into a context, leaving ``headroom`` for generation.
 
@@ -434,16 +443,21 @@ class Engine:
         target: list[int],
         should_stop: Callable[[], bool] | None = None,
         healed: bytes | None = None,
+        deadline: float | None = None,
     ) -> Session:
         """Bring the document's session to (the window of) target. The feed
         probes the likely first tokens that start with ``healed`` (default:
-        what the documents said last)."""
+        what the documents said last). A long read (PROGRESS_MIN_TOKENS or
+        more) still going at ``deadline`` (time.monotonic) raises LongRead and
+        goes on as a background sync."""
         has_bos = bool(self.model.add_bos)
         fitted, start = window(target, self.n_ctx, self.headroom, has_bos)
         s = self.session(uri)
         st = self.stats.setdefault(uri, DocStats())
         progress = None
         todo = len(fitted) - common_prefix(s.tokens, fitted)  # tokens to feed again
+        if deadline is not None and todo >= PROGRESS_MIN_TOKENS:
+            should_stop = _until(deadline, should_stop)
         if self.on_progress is not None and todo >= PROGRESS_MIN_TOKENS:
             report = self.on_progress
 
@@ -461,6 +475,14 @@ class Engine:
             probe = [t for t in memo.top(start_key.digest()) if self.model.piece(t).startswith(typed)]
         try:
             result: SyncResult = s.sync(fitted, should_stop, progress, probe)
+        except Cancelled:
+            if deadline is None or time.monotonic() < deadline:
+                raise
+            with self._cond:  # the background takes the read over
+                if uri in self._targets:
+                    self._dirty[uri] = None
+                    self._cond.notify()
+            raise LongRead() from None
         finally:
             st.cached = len(s.tokens)
             st.fed_total += s.fed_count - fed_before

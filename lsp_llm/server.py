@@ -192,7 +192,7 @@ class Server(LanguageServer):
 
     def _answer(self, ask: Ask, ticket: Ticket) -> list[Candidate]:
         """Engine thread: the items, then idle work for the next keystrokes."""
-        got = answer(self.engine, ask, ticket.should_stop, ticket.fed)
+        got = answer(self.engine, ask, ticket.should_stop, ticket.deadline)
         if self.engine.exact_memo is not None:
             self.engine.prepare(ask.uri, "completion", next_keystrokes(self.engine, ask, got))
         return got.candidates
