@@ -157,7 +157,8 @@ def run_emacs_script(script: str, sample_project: Path, tmp_path: Path) -> dict:
     assert out_file.exists(), f"no result (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
     res = json.loads(out_file.read_text())
     if res.get("ok") is not True:
-        pytest.fail(f"emacs failed: {res.get('error')}\nserver:\n{res.get('stderr', '')[-3000:]}\nemacs:\n{proc.stderr[-3000:]}")
+        server = res.get("stderr", "")[-3000:]
+        pytest.fail(f"emacs failed: {res.get('error')}\nserver:\n{server}\nemacs:\n{proc.stderr[-3000:]}")
     return res
 
 

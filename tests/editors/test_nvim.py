@@ -232,7 +232,8 @@ local shown = {}
 for _, m in ipairs(marks) do
   local d = m[4]
   table.insert(shown, { row = m[2], col = m[3],
-    inline = d.virt_text and d.virt_text[1][1] or '', lines = vim.tbl_map(function(l) return l[1][1] end, d.virt_lines or {}),
+    inline = d.virt_text and d.virt_text[1][1] or '',
+    lines = vim.tbl_map(function(l) return l[1][1] end, d.virt_lines or {}),
     hl = d.virt_text and d.virt_text[1][2] or (d.virt_lines and d.virt_lines[1][1][2]) })
 end
 local cur = vim.api.nvim_win_get_cursor(0)
