@@ -127,7 +127,7 @@ def scan(text: bytes, around: Around, rules: Rules) -> Cut:
 
     - a stop string ends it before the string;
     - a later line indented less than the cursor's line ends the block (not
-      included). When the suggestion continues the cursor's line, or opens a
+      included). When the suggestion completes the cursor's line, or opens a
       deeper block, a line back at the cursor's level ends it too: one
       statement or one block per suggestion. A block-ending line that starts
       with a closing bracket is included (it closes the block);
@@ -142,7 +142,7 @@ def scan(text: bytes, around: Around, rules: Rules) -> Cut:
         text = text[:stop]
     lines = text.split(b"\n")
     ref = indent(around.line_prefix)
-    continuing = bool(around.line_prefix.strip())
+    continuing = bool(around.line_prefix.strip()) and bool(lines[0].strip())  # completing the cursor's line
     strict: bool | None = None  # decided at the first non-blank later line
     depth = 0  # brackets the suggestion opened (negative: closed ones opened before it)
     counted = 0 if lines[0].strip() else -1

@@ -113,7 +113,8 @@ def test_stop_strings_lines_blank_lines_and_trailing_whitespace() -> None:
     assert shown(b"x = 1  # note\n", around(b""), Rules(4, (b"#",))) == "x = 1"
     two = Rules(lines=2)
     assert shown(b"a = 1\nb = 2\nc = 3\n", around(b""), two) == "a = 1\nb = 2"
-    assert shown(b"\na = 1\nb = 2\nc = 3\n", around(b"x = 0"), two) is None  # continuing: one statement
+    # after a finished line: the next statements (an empty first line does not count)
+    assert shown(b"\na = 1\nb = 2\nc = 3\n", around(b"x = 0"), two) == "\na = 1\nb = 2"
     assert shown(b"\n    a = 1\n    b = 2\n    c\n", around(b"def f():"), two) == "\n    a = 1\n    b = 2"
     assert shown(b"a = 1   \n\n\nb = 2\n", around(b"")) == "a = 1"
 
@@ -338,3 +339,15 @@ def test_idle_work_prepares_more_and_yields_when_told(engine: Engine) -> None:
     engine.submit(lambda: task(lambda: False)).result()
     longer = run(engine, request(engine, TEXT, replace(SLOW, inline_tokens=16)))
     assert longer.stats.tokens == 16 and longer.stats.decode_calls == 0  # all from the memo
+
+
+def test_after_accepting_a_suggestion_the_next_one_was_prepared(gemma_engines: tuple[Engine, Engine]) -> None:
+    engine, fresh = gemma_engines
+    s = replace(SLOW, inline_lines=1, inline_tokens=32)
+    req = request(engine, FUNCTION, s)
+    shown = run(engine, req)  # "with open(path) as f:" (one line)
+    engine.submit(lambda: extend_task(engine, req, more_lines=2)(lambda: False)).result()  # idle time
+    accepted = FUNCTION + shown.text
+    after = run(engine, request(engine, accepted, s))
+    assert after.text.startswith("\n") and after.stats.memo_steps > 0 and after.stats.decode_calls <= 1, after
+    assert run(fresh, request(fresh, accepted, s)) == after
