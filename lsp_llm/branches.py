@@ -44,11 +44,15 @@ Row = tuple[int, int, int, bool]  # (branch, index in the branch, token, wants l
 
 @dataclass(frozen=True)
 class Spare:
-    """Work for free rows: more first tokens, and where any branch may go on."""
+    """Work for free rows: more first tokens, and where any branch may go on.
+    A logits row costs about as much as a real one (the output projection),
+    so with ``alone`` False spare rows only pad calls that carry two or more
+    branches; a request then leaves the rest to idle work."""
 
     firsts: Sequence[int]
     done: Callable[[bytes], bool]
     max_tokens: int
+    alone: bool = True
 
 
 def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
@@ -244,6 +248,8 @@ def extend(
                 rows += [(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess[i])]
                 free -= len(guess[i])
             working = list(need)
+            if spare is not None and not spare.alone and len(need) < 2:
+                free = 0
             # spare work fills what is left, shortest branches first
             for i in sorted(range(len(branches)), key=lambda i: len(branches[i].tokens)):
                 more = _pending(i, branches[i])

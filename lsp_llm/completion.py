@@ -148,7 +148,7 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
     # free batch rows extend the next likely first tokens, and every branch
     # to the end of the line, for the keystrokes to come
     spare = Spare([int(ids[i]) for i in usable[ask.items :]], lambda text: line_end(text[skip:]) is not None,
-                  max(ask.line_tokens, WORD_TOKENS))
+                  max(ask.line_tokens, WORD_TOKENS), alone=engine.memo.preparing)
     branches, generated = extend(session, firsts, done, limits, should_stop, memo, spare=spare)
     t2 = time.perf_counter()
     out: list[Candidate] = []
@@ -200,7 +200,7 @@ def _record(st: DocStats, generated: int, memo_steps: int, t0: float, t1: float,
 
 
 # -- idle work: the next keystrokes -------------------------------------------
-NEXT_CHARS = 2  # items whose next character is prepared
+NEXT_CHARS = 3  # word items whose next character is prepared
 DEPTH = 2  # words of the likeliest line prepared ahead
 
 
@@ -211,9 +211,9 @@ def next_keystrokes(engine: Engine, ask: Ask, got: Answer) -> list[IdleTask]:
     (the prompt grows by the word; healed: the first character after it)."""
     tasks: list[IdleTask] = []
     model = engine.model
-    for c in got.candidates[:NEXT_CHARS]:
-        nxt = c.text[:1].encode()
-        if nxt and _is_ident(nxt[0]) and not c.whole_line:
+    words = [c for c in got.candidates if not c.whole_line][:NEXT_CHARS]
+    for nxt in dict.fromkeys(c.text[:1].encode() for c in words):
+        if nxt and _is_ident(nxt[0]):
             tasks.append(_task(engine, replace(ask, healed=ask.healed + nxt, mid_word=True)))
     if got.paths:
         path, prompt = got.paths[0], ask.prompt
