@@ -3,14 +3,16 @@ to end on the tiny model (lsp-llm over stdio, naive, floor)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
 
 from lsp_llm.bench import main as bench_main
-from lsp_llm.bench import report, traces
+from lsp_llm.bench import pace, paced, quality, report, traces
 from lsp_llm.bench.lspclient import change_event, utf16_col
 from lsp_llm.bench.worker import sample_indices
 
@@ -155,3 +157,120 @@ def test_bench_smoke_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) ->
     except ImportError:
         return
     assert (out / "bench.png").stat().st_size > 10_000
+
+
+# -- typing pace, switching, memory, quality ----------------------------------------------------
+
+
+def test_pace_is_seeded_and_in_range() -> None:
+    t = traces.switching_trace(traces.default_sources()[:8], 300, 120, seed=2, switch_every=6)
+    a, b, c = pace.delays(t.keys, 5), pace.delays(t.keys, 5), pace.delays(t.keys, 6)
+    assert a == b and a != c and len(a) == len(t.keys)
+    kinds = [pace.pause_kind(p, k) for p, k in zip([None, *t.keys], t.keys)]
+    assert {"key", "line", "switch"} <= set(kinds)
+    for d, kind in zip(a, kinds):
+        lo, hi = getattr(pace.TYPING, kind)
+        assert lo <= d <= hi
+    assert 0.120 <= statistics.median(d for d, k in zip(a, kinds) if k == "key") <= 0.250
+    times = pace.schedule(a)
+    assert times == sorted(times) and times[-1] == pytest.approx(sum(a))
+
+
+def test_switching_trace_comes_back_to_unchanged_documents() -> None:
+    t = traces.switching_trace(traces.default_sources()[:8], 300, 160, seed=1, switch_every=6)
+    assert len(t.docs) == 8 and t.meta["kind"] == "switching"
+    assert traces.replay(t) == t.meta["expected_final"]
+    back = paced.switch_backs(t.keys)
+    assert sum(back) >= 3
+    for i in (i for i, b in enumerate(back) if b):
+        doc = t.keys[i].doc
+        earlier = [k for k in t.keys[:i] if k.doc == doc]
+        assert earlier and t.keys[i - 1].doc != doc  # typed in before, and the last key was elsewhere
+
+
+def test_latency_runs_to_the_first_fresh_answer() -> None:
+    times = [0.0, 0.2, 0.4, 2.0]
+    answers = [
+        paced.Answer(0, 0.0, 0.1),  # fresh: 100 ms
+        paced.Answer(1, 0.2, 0.5),  # stale: key 2 came at 0.4
+        paced.Answer(2, 0.4, 0.7),  # fresh: answers keys 1 and 2
+        paced.Answer(3, 2.0, None),  # cancelled: key 3 never answered
+    ]
+    lat = paced.key_latencies(times, answers)
+    assert lat[0] == pytest.approx(100) and lat[1] == pytest.approx(500) and lat[2] == pytest.approx(300)
+    assert lat[3] is None
+
+
+def test_quality_metrics() -> None:
+    assert quality.next_word("  foo(bar)") == "  foo" and quality.next_word("(bar)") == "("
+    assert quality.next_word("") == "" and quality.first_line("a = 1  \nb") == "a = 1"
+    assert quality.similarity("return x", "return x") == 1.0 and quality.similarity("abc", "xyz") == 0.0
+    old, new = "def f():\n    x\n", "def f():\n    return 1\n"
+    start, end, text = quality.diff_edit(old, new)
+    assert traces.apply_edit(old, start, end, text) == new
+    cuts = quality.cut_points(quality.quality_sources()[0], 6, 3, traces.approx_tokens, 30)
+    assert cuts == quality.cut_points(quality.quality_sources()[0], 6, 3, traces.approx_tokens, 30)
+    lines = traces.read_source(Path(cuts[0].path))
+    for c in cuts:
+        assert c.truth and lines[c.line][c.col :].startswith(c.truth) and len(c.truth) <= 30
+
+
+class _Oracle:
+    """A suggester that knows the truth (its ghost text is right or wrong on
+    purpose): checks the simulated user's arithmetic, not an engine."""
+
+    def __init__(self, truth: str, right: bool) -> None:
+        self.truth, self.right, self.done = truth, right, 0
+
+    async def goto(self, text: str, pos: traces.Pos) -> None:
+        self.done = 0
+
+    async def insert(self, s: str) -> None:
+        assert self.truth[self.done :].startswith(s)
+        self.done += len(s)
+
+    async def ghost(self) -> str:
+        return self.truth[self.done :] if self.right else "zzz"
+
+    async def popup(self) -> str:
+        return ""
+
+
+def test_simulated_user_saves_what_the_ghost_gets_right() -> None:
+    truth = "return self.value + 1"
+    right, first = asyncio.run(quality.simulate(_Oracle(truth, True), truth, use_popup=False))
+    assert first == truth and right.chars == len(truth)
+    assert right.keystrokes == 6 and right.from_ghost == len(truth)  # return| self|.|value| +| 1
+    wrong, _ = asyncio.run(quality.simulate(_Oracle(truth, False), truth, use_popup=False))
+    assert wrong.keystrokes == len(truth) and wrong.from_ghost == 0
+
+
+def test_typing_pace_memory_and_quality_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    rc = bench_main([
+        "--model", str(tiny_model_path), "--pace", "typing", "--quality", "--engines", "lsp-llm,floor,llama-cpp-python",
+        "--out", str(out), "--doc-tokens", "200", "--pace-keystrokes", "10", "--switch-keystrokes", "12",
+        "--switch-doc-tokens", "150", "--switch-every", "5", "--memory-tokens", "200", "--quality-files", "1",
+        "--quality-cuts", "1", "--quality-chars", "6", "--gen-tokens", "4", "--timeout", "240",
+    ])
+    results = json.loads((out / "results.json").read_text())
+    bad = [(r["engine"], r["trace"], r.get("reason")) for r in results["paced_runs"] if r["status"] != "ok"]
+    assert rc == 0 and not bad, bad
+    assert results["runs"] == [] and results["sections"] == ["quality", "typing"]
+    names = {t["name"] for t in results["paced_traces"]}
+    assert names == {"3 files, typing pace", "8 files, switching"}
+    for r in results["paced_runs"]:
+        assert len(r["keys"]) == r["of_keys"] and r["answers"]
+        assert all(k["latency_ms"] is None or k["latency_ms"] > 0 for k in r["keys"])
+        assert r["keys"][-1]["latency_ms"] is not None  # the last keystroke is answered
+        assert r["peak_rss"] > 0 and r["cpu_s"] > 0
+    ours = [s for s in results["paced_summaries"] if s["engine"] == "lsp-llm"]
+    assert all(s["server_requests"] is not None and 0 <= s["no_decode"] <= s["server_requests"] for s in ours)
+    assert [m["documents"] for m in results["memory"]] == [1, 4, 8]
+    assert all(m["rss_mb"] > 0 for m in results["memory"])
+    rows = {r["engine"]: r for r in results["quality"]["rows"]}
+    assert rows["lsp-llm"]["status"] == rows["llama-cpp-python"]["status"] == "ok"
+    assert rows["llama-server /infill"]["status"] == "unavailable"
+    assert all(0 <= r["exact"] <= 1 and 0 <= r["similarity"] <= 1 for r in rows.values())
+    md = (out / "report.md").read_text()
+    assert md.index("**Typing pace: 3 files") < md.index("**Memory**") < md.index("**Quality**")

@@ -413,8 +413,16 @@ def _back_to_back_section(setup: Setup, notes: list[str]) -> dict:
     return {"traces": [_trace_summary(t) for t in ts], "runs": runs}
 
 
-def _quality_section(setup: Setup) -> dict | None:
-    return None
+def _quality_section(setup: Setup) -> dict:
+    cfg = setup.cfg
+    files = quality.quality_sources()[: cfg["quality_files"]]
+    _log(f"lsp-llm bench: quality at {cfg['quality_cuts']} cut points in each of {', '.join(f.name for f in files)}")
+    q = quality.run_section(setup.settings(PACE_N_CTX), files, cfg["quality_cuts"], cfg["quality_chars"],
+                            setup.args.seed, setup.vocab.count, setup.engines)
+    for r in q["rows"]:
+        _log(f"  quality {r['engine']:>22}: {r['status']} {r.get('reason') or ''} exact {r['exact']:.2f} "
+             f"similarity {r['similarity']:.3f} saved {r['saved_ghost']:.2f} / {r['saved_both']}")
+    return q
 
 
 def _run_worker(job: dict, out: Path, timeout: float) -> dict:

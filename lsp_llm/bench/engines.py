@@ -370,24 +370,21 @@ def _no_extra_bufts():
         lc.llama_model_default_params = orig
 
 
+def load_llama(s: Settings) -> Any:
+    """llama-cpp-python's Llama for these settings (plain CPU buffers, full SWA cache)."""
+    import llama_cpp
+
+    _quiet_llama()
+    with _no_extra_bufts():
+        return llama_cpp.Llama(model_path=s.model, n_ctx=s.n_ctx, n_batch=s.n_batch, n_ubatch=s.n_batch,
+                               n_threads=s.threads, n_threads_batch=s.threads, swa_full=True, verbose=False)
+
+
 class LlamaCppPythonEngine(Engine):
     name = "llama-cpp-python"
 
     def open(self, trace: Trace, warm: list[str]) -> None:
-        import llama_cpp
-
-        _quiet_llama()
-        with _no_extra_bufts():
-            self.llm = llama_cpp.Llama(
-                model_path=self.s.model,
-                n_ctx=self.s.n_ctx,
-                n_batch=self.s.n_batch,
-                n_ubatch=self.s.n_batch,
-                n_threads=self.s.threads,
-                n_threads_batch=self.s.threads,
-                swa_full=True,
-                verbose=False,
-            )
+        self.llm = load_llama(self.s)
         self.counted = 0
         orig_eval = self.llm.eval
 

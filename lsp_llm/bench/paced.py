@@ -27,7 +27,7 @@ from .pace import schedule
 from .traces import Keystroke, Trace, apply_edit, offset_of
 
 NO_DECODE_KEYS = ("no_decode_total", "requests_total")  # per document, when the server has them
-IDLE_KEYS = ("idle_rows_total", "idle_ms_total", "idle_steps_used")  # global
+IDLE_KEYS = ("idle_rows_total", "idle_ms_total", "idle_steps", "idle_steps_used")  # global
 
 
 @dataclass
@@ -174,7 +174,16 @@ async def run_lsp(editor: Editor, trace: Trace, delays: list[float], timeout: fl
         task = asyncio.ensure_future(_await_answer(request, answer, start))
         running = (request, task)
         tasks.append(task)
-    await asyncio.wait_for(asyncio.gather(*tasks), timeout)
+    # editors wait for the newest answer only; a cancelled request may never be answered
+    try:
+        await asyncio.wait_for(asyncio.shield(tasks[-1]), timeout)
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"the server did not answer the last keystroke's request in {timeout:.0f} s; "
+                           f"{sum(a.answered is not None for a in answers)} of {len(answers)} requests "
+                           "were answered") from None
+    await asyncio.wait(tasks, timeout=2.0)
+    for task in tasks:
+        task.cancel()
     return answers
 
 

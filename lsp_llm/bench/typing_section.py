@@ -49,7 +49,8 @@ class PacedSummary:
     idle_cpu_pct: float | None = None  # CPU % of the server 1-2 s after the last answer
     idle_rows: int | None = None
     idle_ms: float | None = None
-    idle_steps_used: int | None = None
+    idle_steps: int | None = None  # greedy steps prepared in idle time
+    idle_steps_used: int | None = None  # ... that a later request used
 
 
 def summarize(run: dict) -> PacedSummary:
@@ -71,8 +72,8 @@ def summarize(run: dict) -> PacedSummary:
     s.peak_rss_mb = run["peak_rss"] / 2**20
     s.switch_backs, s.switch_back_p50_ms = len(back), pct(back, 50)
     s.idle_cpu_pct = server.get("idle_cpu_pct")
-    s.idle_rows, s.idle_ms, s.idle_steps_used = (server.get("idle_rows_total"), server.get("idle_ms_total"),
-                                                  server.get("idle_steps_used"))
+    s.idle_rows, s.idle_ms = server.get("idle_rows_total"), server.get("idle_ms_total")
+    s.idle_steps, s.idle_steps_used = server.get("idle_steps"), server.get("idle_steps_used")
     return s
 
 
@@ -123,8 +124,8 @@ def markdown(paced_traces: list[dict], summaries: list[dict]) -> list[str]:
         ours = next((s for s in rows if s.engine == OURS and s.status == "ok"), None)
         if ours:
             out += ["", f"lsp-llm server: CPU 1-2 s after the last answer {_f(ours.idle_cpu_pct)}% of a core; "
-                    f"idle-time work: rows {_opt(ours.idle_rows)}, ms {_opt(ours.idle_ms)}, "
-                    f"steps used {_opt(ours.idle_steps_used)}."]
+                    f"idle-time work {_opt(ours.idle_ms)} ms, {_opt(ours.idle_rows)} rows decoded, "
+                    f"{_opt(ours.idle_steps)} greedy steps prepared, {_opt(ours.idle_steps_used)} of them used."]
         out.append("")
     if out:
         out = [*_legend(), "", *out]
