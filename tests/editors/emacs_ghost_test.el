@@ -1,6 +1,7 @@
 ;;; emacs_ghost_test.el --- ghost text of OUR lsp-llm.el in eglot, batch mode  -*- lexical-binding: t; -*-
 ;; Run: emacs --batch -l emacs_ghost_test.el   with env LSP_LLM_REPO, LSP_LLM_CMD (JSON list),
-;; LSP_LLM_FILE (file to edit), LSP_LLM_TYPED, LSP_LLM_OUT (JSON result file).
+;; LSP_LLM_FILE (file to edit), LSP_LLM_TYPED, LSP_LLM_GHOST_AFTER (type on a new line after this
+;; line), LSP_LLM_OUT (JSON result file).
 ;; Keys go through `execute-kbd-macro', so the command loop, post-command-hook and the
 ;; keymaps run as for a user.  Batch Emacs is never idle (it reads no input), so idle
 ;; timers are run as ordinary timers: `lsp-llm-inline-delay' seconds after the command.
@@ -78,7 +79,7 @@
       (let ((typed (getenv "LSP_LLM_TYPED")))
         ;; 1. Ghost text appears; the popup items are there beside it; TAB accepts it whole.
         (goto-char (point-min))
-        (forward-line 5)
+        (forward-line (1- (string-to-number (getenv "LSP_LLM_GHOST_AFTER"))))
         (t-keys "C-e RET")
         (t-type typed)
         (let ((g (t-wait-ghost "ghost text")))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from editor_helpers import EDITORS, EXPECTED, REPO, SAMPLE, TYPED, first_word, missing, server_cmd
+from editor_helpers import EDITORS, EXPECTED, GHOST_AFTER, REPO, SAMPLE, TYPED, first_word, missing, server_cmd
 
 HERE = Path(__file__).parent
 
@@ -143,6 +143,7 @@ def run_emacs_script(script: str, sample_project: Path, tmp_path: Path) -> dict:
         LSP_LLM_CMD=json.dumps(server_cmd()),
         LSP_LLM_FILE=str(sample_project / "hello.py"),
         LSP_LLM_TYPED=TYPED,
+        LSP_LLM_GHOST_AFTER=str(GHOST_AFTER),
         LSP_LLM_OUT=str(out_file),
         HOME=str(tmp_path),
     )

@@ -12,7 +12,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from editor_helpers import EDITORS, EXPECTED, REPO, TYPED, find_tool, first_word, missing, server_cmd
+from editor_helpers import (
+    EDITORS,
+    EXPECTED,
+    GHOST_AFTER,
+    REPO,
+    SAMPLE,
+    TYPED,
+    find_tool,
+    first_word,
+    missing,
+    server_cmd,
+)
 
 HERE = Path(__file__).parent
 
@@ -288,12 +299,25 @@ def with_inserted(g: dict, text: str) -> list[str]:
     return lines[: g["row"]] + new.split("\n") + lines[g["row"] + 1 :]
 
 
+def restore(nvim: Nvim) -> None:
+    """Back to the file as it is on disk (:e!), in normal mode: each phase types in the same place,
+    so the server, being deterministic, suggests the same there."""
+    nvim.send("<Esc>:e!<CR>")
+    nvim.wait(
+        f"return vim.api.nvim_get_mode().mode == 'n' and table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false),"
+        f" '\\n') == {json.dumps(SAMPLE.rstrip(chr(10)))}",
+        10,
+        "the file as on disk",
+    )
+
+
 def test_nvim_ghost_text_accept_dismiss_accept_word(nvim: Nvim):
     t0 = time.monotonic()
     wait_ready(nvim)
+    start = f"{GHOST_AFTER}Go"  # a new line after the docstring
 
     # 1. Ghost text appears beside the popup menu; <Tab> accepts it whole.
-    g = type_and_wait_ghost(nvim, "6Go", TYPED, want_pum=True)
+    g = type_and_wait_ghost(nvim, start, TYPED, want_pum=True)
     direct = nvim.lua(DIRECT)
     assert direct and direct["insertText"] == g["item"]["insertText"], (direct, g["item"])
     assert direct["insertText"].endswith(g["text"])  # what was typed in the item's range is not shown again
@@ -303,10 +327,12 @@ def test_nvim_ghost_text_accept_dismiss_accept_word(nvim: Nvim):
     )
     assert after == with_inserted(g, g["text"]), after
     cursor = nvim.lua("local c = vim.api.nvim_win_get_cursor(0); return { c[1] - 1, c[2] }")
-    assert cursor == [g["row"], g["col"] + len(g["text"])]  # after the inserted text (one line here)
+    last = g["text"].split("\n")[-1]
+    assert cursor == [g["row"] + g["text"].count("\n"), (g["col"] if "\n" not in g["text"] else 0) + len(last)]
 
     # 2. <C-]> dismisses it: the buffer stays as typed, and it does not come back by itself.
-    g = type_and_wait_ghost(nvim, "<Esc>o", TYPED, want_pum=False)
+    restore(nvim)
+    g = type_and_wait_ghost(nvim, start, TYPED, want_pum=False)
     nvim.send("<C-]>")
     time.sleep(0.8)
     now = nvim.lua("WANT_PUM = false" + GHOST)
@@ -314,7 +340,8 @@ def test_nvim_ghost_text_accept_dismiss_accept_word(nvim: Nvim):
     assert now["lines"] == g["lines"] and now["mode"].startswith("i")
 
     # 3. <C-Right> accepts one word; the rest stays shown.
-    g = type_and_wait_ghost(nvim, "<Esc>o", TYPED, want_pum=False)
+    restore(nvim)
+    g = type_and_wait_ghost(nvim, start, TYPED, want_pum=False)
     word = first_word(g["text"])
     nvim.send("<C-Right>")
     time.sleep(0.3)
@@ -334,15 +361,16 @@ def test_nvim_ghost_text_and_popup_switch_off(sample_project: Path, tmp_path: Pa
     with start_nvim(sample_project, tmp_path, setup={"popup": False}) as nvim:
         wait_ready(nvim)
         # popup = false: ghost text, and never a menu.
-        g = type_and_wait_ghost(nvim, "6Go", TYPED, want_pum=False)
+        g = type_and_wait_ghost(nvim, f"{GHOST_AFTER}Go", TYPED, want_pum=False)
         assert g["pum"] == 0
         assert nvim.lua("return vim.bo.completeopt") != "menu,menuone,noinsert,popup"
-        # :LspLlmGhost off: typing shows nothing any more.
-        nvim.send("<Esc>:LspLlmGhost off<CR>o")
+        # :LspLlmGhost off: typing the same shows nothing any more.
+        restore(nvim)
+        nvim.send(f":LspLlmGhost off<CR>{GHOST_AFTER}Go")
         for ch in TYPED:
             time.sleep(0.15)
             nvim.send(ch)
         time.sleep(2.0)
         now = nvim.lua("WANT_PUM = false" + GHOST)
         assert now["shown"] == [] and now["pum"] == 0, now
-        assert now["lines"][g["row"] + 1].strip() == TYPED
+        assert now["lines"][g["row"]].strip() == TYPED

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from editor_helpers import EDITORS, REPO, TYPED, server_cmd
+from editor_helpers import EDITORS, GHOST_AFTER, REPO, TYPED, server_cmd
 from test_emacs import emacs_binary
 from test_nvim import Nvim, nvim_binary
 
@@ -73,7 +73,7 @@ def test_nvim_minimal_init_from_readme(sample_project: Path, tmp_path: Path):
             timeout=60, what="the lsp_llm client",
         )
         assert cmd == ["lsp-llm"]  # found on $PATH, as installed
-        nvim.send("6Go")
+        nvim.send(f"{GHOST_AFTER}Go")
         for ch in TYPED:
             time.sleep(0.15)
             nvim.send(ch)
@@ -117,7 +117,7 @@ def test_emacs_init_from_readme(sample_project: Path, tmp_path: Path):
   (call-interactively #'lsp-llm-eglot)
   (let ((deadline (+ (float-time) 120)))
     (while (and (not (eglot-current-server)) (< (float-time) deadline)) (accept-process-output nil 0.1)))
-  (goto-char (point-min)) (forward-line 5) (execute-kbd-macro (kbd "C-e RET"))
+  (goto-char (point-min)) (forward-line {GHOST_AFTER - 1}) (execute-kbd-macro (kbd "C-e RET"))
   (dolist (ch (string-to-list {json.dumps(TYPED)})) (execute-kbd-macro (vector ch)) (sit-for 0.1))
   (let ((deadline (+ (float-time) 60)))
     (while (and (not lsp-llm--ghost) (< (float-time) deadline)) (accept-process-output nil 0.1)))

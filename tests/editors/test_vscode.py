@@ -25,6 +25,7 @@ from editor_helpers import (
     CI_CACHE,
     EDITORS,
     EXPECTED,
+    GHOST_AFTER,
     SAMPLE,
     TYPED,
     first_word,
@@ -232,6 +233,7 @@ def browse(vsix: Path, project: Path, tmp_path: Path, shots: Path, mode: str, se
                 FILE_PATH=str(project / "hello.py"),
                 TYPED=TYPED,
                 EXPECTED=EXPECTED,
+                GHOST_AFTER=str(GHOST_AFTER),
                 SHOTS=str(shots),
                 SERVER_LOG=str(server_log),
                 SETTINGS_FILES=json.dumps([str(f) for f in settings_files]),
@@ -312,15 +314,16 @@ def test_vscode_ghost_text_in_code_server(vsix: Path, sample_project: Path, tmp_
     print(f"code-server session: {time.monotonic() - t0:.1f}s")
     print({k: v for k, v in res.items() if k.endswith(("ghost", "rest", "labels", "widget"))})
 
-    # 1. Ghost text appeared after "pri" on a new line 7; Tab inserted it exactly, at the cursor.
+    # 1. Ghost text appeared after "pri" on a new line; Tab inserted it exactly, at the cursor.
     ghost = res["accept_ghost"]
     assert ghost.strip(), res
-    typed = SAMPLE.replace("    print(message)\n", f"    {TYPED}\n    print(message)\n", 1)
-    accepted = insert_at(typed, 6, 4 + len(TYPED), ghost)
+    lines = SAMPLE.split("\n")
+    typed = "\n".join(lines[:GHOST_AFTER] + [f"    {TYPED}"] + lines[GHOST_AFTER:])
+    accepted = insert_at(typed, GHOST_AFTER, 4 + len(TYPED), ghost)
     assert res["accept_after"] == accepted, res["accept_after"]
     assert (artifacts / "vscode-ghost.png").stat().st_size > 10_000
     # It is the server's item for that text and position (asked of a server directly).
-    items = inline_completion(typed, 6, 4 + len(TYPED))
+    items = inline_completion(typed, GHOST_AFTER, 4 + len(TYPED))
     assert items and items[0]["insertText"].endswith(ghost) and items[0]["insertText"].startswith(ghost[:1]), items
 
     # 2. Beside it, Ctrl+Space showed our items in the suggest widget; Escape dismissed the ghost
@@ -329,7 +332,7 @@ def test_vscode_ghost_text_in_code_server(vsix: Path, sample_project: Path, tmp_
     assert any(lb.startswith(TYPED) and len(lb) > len(TYPED) for lb in res["side_labels"]), res["side_labels"]
     assert res["dismissed_ghost"] == ""
     last = accepted.split("\n")
-    row = 6 + ghost.count("\n")
+    row = GHOST_AFTER + ghost.count("\n")
     dismissed = res["dismissed"].split("\n")
     assert dismissed[row + 1].strip() == TYPED and dismissed[: row + 1] + dismissed[row + 2 :] == last, dismissed
 

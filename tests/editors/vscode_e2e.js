@@ -74,10 +74,10 @@ async function typeLine(page, waitGhost) {
 }
 
 async function ghostScenario(page, result) {
-  // Line 6, as the suggest scenario does.
+  // The line after which to type (GHOST_AFTER).
   await page.keyboard.press('Control+G');
   await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
-  await page.keyboard.type('6', { delay: 30 });
+  await page.keyboard.type(process.env.GHOST_AFTER, { delay: 30 });
   await page.keyboard.press('Enter');
   await page.waitForSelector('.quick-input-widget', { state: 'hidden', timeout: 10000 });
   await page.waitForTimeout(300);
