@@ -26,7 +26,6 @@ keystroke re-feeds the last prefix tokens and ``<MID>``.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -232,7 +231,8 @@ def shape(text: bytes, around: Around, rules: Rules, ended: bool, fim: bool = Fa
 class Request:
     """What the engine job needs, taken from the document before any await."""
 
-    key: str  # the session: the document's uri, or uri#fim
+    uri: str  # the document
+    key: str  # its session: the uri, or uri#fim
     prompt: list[int]
     healed: bytes  # the first token starts with this text
     around: Around
@@ -298,7 +298,7 @@ def request_at(doc: Document, offset: int, s: Settings, engine: Engine) -> Reque
         suffix = doc.vocab.tokenize(fim_suffix(doc.data, offset, s.fim_lines))
         prompt = fim_prompt(prompt, suffix, fim, doc.vocab.bos, engine.n_ctx, engine.headroom)
         key = doc.uri + FIM_SESSION
-    return Request(key, prompt, healed, Around.at(doc.data, offset), rules, s.inline_tokens,
+    return Request(doc.uri, key, prompt, healed, Around.at(doc.data, offset), rules, s.inline_tokens,
                    s.inline_budget_ms / 1000, fim is not None)
 
 
@@ -334,12 +334,14 @@ class _Progress:
     first_line_s: float | None = None
 
 
-def suggest(engine: Engine, req: Request, cancel: threading.Event) -> Suggestion:
+def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float | None = None) -> Suggestion:
     """Engine thread: sync the session to the prompt and grow one greedy
-    branch until a stop rule, a limit, or (after the first line) the budget."""
+    branch until a stop rule, a limit, or (after the first line) the budget.
+    A long read of the document still going at ``deadline`` raises LongRead
+    (see ``Engine.sync``)."""
     t0, decode0 = time.perf_counter(), Session.decode_seconds
     stats = InlineStats()
-    session = engine.sync(req.key, req.prompt, cancel.is_set, req.healed)
+    session = engine.sync(req.key, req.prompt, cancelled, req.healed, None if req.fim else deadline)
     stats.fed = engine.stats[req.key].fed_last
     model = engine.model
     first = first_token(model, session.logits, req.healed)
@@ -357,7 +359,7 @@ def suggest(engine: Engine, req: Request, cancel: threading.Event) -> Suggestion
         return scan(body, req.around, req.rules).final
 
     def should_stop() -> bool:  # asked before each decode call
-        if cancel.is_set():
+        if cancelled():
             return True
         # after the first line and the budget; but every request decodes at
         # least once, so asking again always gets further
@@ -371,7 +373,7 @@ def suggest(engine: Engine, req: Request, cancel: threading.Event) -> Suggestion
         paths, _ = extend(session, [first], done, [req.max_tokens], should_stop, memo)
         path = paths[0]
     except Cancelled:
-        if cancel.is_set():
+        if cancelled():
             raise
         path = known_path(memo, session, first, done, req.max_tokens)  # the budget ran out
     text = b"".join(model.piece(tok) for tok in path)[progress.skip :]
@@ -415,7 +417,7 @@ def extend_task(engine: Engine, req: Request, more_lines: int) -> Callable[[Shou
     return run
 
 
-# -- the event-loop side: type-through, newest request wins --------------------
+# -- the event-loop side: type-through ------------------------------------------
 @dataclass(frozen=True)
 class Shown:
     """A suggestion as shown: the document around it, byte for byte."""
@@ -429,12 +431,10 @@ class Shown:
 
 class Inline:
     """Ghost text state on the event loop: the last suggestion shown per
-    document (type-through), the pending request per document (the newest
-    wins), and the last request's stats."""
+    document (type-through) and the last request's stats."""
 
     def __init__(self) -> None:
         self._shown: dict[str, Shown] = {}
-        self._pending: dict[str, threading.Event] = {}
         self.stats: dict[str, InlineStats] = {}
 
     def type_through(self, uri: str, data: bytes, offset: int) -> Suggestion | None:
@@ -460,22 +460,6 @@ class Inline:
         else:
             self._shown.pop(uri, None)
 
-    def newest(self, uri: str) -> threading.Event:
-        """A cancel event for a new request; the previous one for the same
-        document is cancelled (its answer would be stale)."""
-        old = self._pending.get(uri)
-        if old is not None:
-            old.set()
-        self._pending[uri] = event = threading.Event()
-        return event
-
-    def finished(self, uri: str, event: threading.Event) -> None:
-        if self._pending.get(uri) is event:
-            del self._pending[uri]
-
     def forget(self, uri: str) -> None:
         self._shown.pop(uri, None)
         self.stats.pop(uri, None)
-        old = self._pending.pop(uri, None)
-        if old is not None:
-            old.set()

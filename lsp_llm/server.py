@@ -25,9 +25,10 @@ from .default_model import cache_dir
 from .documents import Document, DocumentError, DocumentStore, Encoding
 from .engine import Engine
 from .inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
+from .inline import Request as InlineRequest
 from .jobs import Latest, Ticket
 from .progress import ProgressReporter
-from .session import Cancelled, DecodeError
+from .session import DecodeError
 
 log = logging.getLogger(__name__)
 
@@ -220,38 +221,35 @@ class Server(LanguageServer):
             st = self.inline.stats.setdefault(uri, hit.stats)
             st.type_through += 1
             st.type_through_ms = (time.perf_counter() - t0) * 1000
-            self._prepare_inline(uri, doc, offset)
+            self._prepare_inline(request_at(doc, offset, s, self.engine))
             return InlineAnswer(hit, here, rest_end)
         req = request_at(doc, offset, s, self.engine)
         before, after = doc.data[:offset], doc.data[offset:]
-        cancel = self.inline.newest(uri)
         try:
-            found = await asyncio.wrap_future(self.engine.submit(lambda: suggest(self.engine, req, cancel), cancel))
-        except (asyncio.CancelledError, Cancelled):
-            task = asyncio.current_task()
-            if cancel.is_set() and task is not None and not task.cancelling():
-                return None  # a newer request for this document replaced it
-            cancel.set()  # stops the engine between decode calls
-            raise asyncio.CancelledError() from None
+            found = await self.latest.run((uri, "inline"), lambda ticket: self._suggest(req, ticket),
+                                          s.read_budget_ms / 1000)
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
-        finally:
-            self.inline.finished(uri, cancel)
+        if found is None:
+            return None  # a newer request replaced it, or a long read goes on in the background
         old = self.inline.stats.get(uri)
         if old is not None:
             found.stats.type_through = old.type_through
         self.inline.stats[uri] = found.stats
         self.inline.show(uri, before, after, found)
-        if self.store.docs.get(uri) is doc and doc.data[:offset] == before:
-            self._prepare_inline(uri, doc, offset)
         return InlineAnswer(found, here, rest_end)
 
-    def _prepare_inline(self, uri: str, doc: Document, offset: int) -> None:
-        """Idle work: the rest of the suggestion, and what follows it."""
-        if hasattr(self.engine, "prepare") and self.engine.exact_memo is not None:
-            req = request_at(doc, offset, self.settings, self.engine)
-            self.engine.prepare(uri, "inline", [extend_task(self.engine, req, self.settings.inline_lines)])
+    def _suggest(self, req: InlineRequest, ticket: Ticket) -> Suggestion:
+        """Engine thread: the suggestion, then idle work that extends it."""
+        found = suggest(self.engine, req, ticket.should_stop, ticket.deadline)
+        self._prepare_inline(req)
+        return found
+
+    def _prepare_inline(self, req: InlineRequest) -> None:
+        """Idle work: the rest of the suggestion, and what follows it once accepted."""
+        if self.engine.exact_memo is not None:
+            self.engine.prepare(req.uri, "inline", [extend_task(self.engine, req, self.settings.inline_lines)])
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ tiny model whose vocabulary declares FIM tokens."""
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -159,15 +158,6 @@ def test_type_through_answers_the_rest_of_what_was_shown() -> None:
     assert cache.type_through("u", before + b"ret" + after, len(before) + 3) is None
 
 
-def test_a_newer_request_cancels_the_older_one() -> None:
-    cache = Inline()
-    first = cache.newest("u")
-    second = cache.newest("u")
-    assert first.is_set() and not second.is_set()
-    cache.finished("u", second)
-    assert not second.is_set()
-
-
 # -- the engine path (tiny model) ---------------------------------------------------------
 def vocab_of(model: Model) -> Vocab:
     return Vocab(lambda b: model.tokenize(b, add_bos=False), model.piece, model.bos if model.add_bos else None,
@@ -175,7 +165,7 @@ def vocab_of(model: Model) -> Vocab:
 
 
 def run(engine: Engine, req: Request) -> Suggestion:
-    return engine.submit(lambda: suggest(engine, req, threading.Event())).result()
+    return engine.submit(lambda: suggest(engine, req, lambda: False)).result()
 
 
 SLOW = Settings(inline_budget_ms=60000, inline_lines=3, inline_tokens=24)
