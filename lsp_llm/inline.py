@@ -115,6 +115,16 @@ def _closing(line: bytes) -> bool:
     return line.lstrip()[:1] in (b")", b"]", b"}")
 
 
+def repeats(line: bytes, times: int = 3) -> bool:
+    """The line ends with a chunk of 5 to 40 bytes, with a letter in it, said
+    ``times`` times in a row (a model stuck in a loop)."""
+    for n in range(5, min(40, len(line) // times) + 1):
+        chunk = line[-n:]
+        if line.endswith(chunk * times) and re.search(rb"[A-Za-z]", chunk):
+            return True
+    return False
+
+
 def _stop_at(text: bytes, stops: Sequence[bytes]) -> int | None:
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(found) if found else None
@@ -134,6 +144,7 @@ def scan(text: bytes, around: Around, rules: Rules) -> Cut:
       already there) ends it, not included;
     - a line that closes a bracket opened before the cursor ends it, unless it
       opens a block (``if f(x):``);
+    - a line that repeats a chunk three times (a loop) ends it, not included;
     - two blank lines in a row, or ``rules.lines`` lines, end it.
     """
     stop = _stop_at(text, rules.stops)
@@ -158,6 +169,8 @@ def scan(text: bytes, around: Around, rules: Rules) -> Cut:
                 if not _closing(line) or line.strip() == around.next_line:
                     return Cut(max(start - 1, 0), True)
                 return Cut(end, whole)
+        if repeats(line):
+            return Cut(max(start - 1, 0), True)
         if not whole:
             return Cut(end, stop is not None)
         if line.strip() and full.strip() == around.next_line:

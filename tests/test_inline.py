@@ -118,6 +118,15 @@ def test_stop_strings_lines_blank_lines_and_trailing_whitespace() -> None:
     assert shown(b"a = 1   \n\n\nb = 2\n", around(b"")) == "a = 1"
 
 
+def test_a_model_stuck_in_a_loop_shows_nothing_of_the_loop() -> None:
+    loop = b'print(f"Hello {name}! I am {name}! I am {name}! I am {name}!'
+    cut = scan(loop, around(b"    "), FOUR)
+    assert cut.final and cut.end == 0  # known before the line ends
+    assert shown(b"x = 1\n" + loop + b"\n", around(b"")) == "x = 1"
+    assert shown(b"x = '-----------------'  # ok\n", around(b""), ended=True) is not None  # no letter
+    assert shown(b"crab(1, 2), crab(3, 4)\n", around(b""), ended=True) is not None
+
+
 def test_a_suggestion_cut_short_keeps_whole_balanced_lines() -> None:
     # the budget or the token limit cut it: the partial line goes, and so do
     # lines inside a bracket it opened and did not close
