@@ -176,9 +176,9 @@ async def run_lsp(editor: Editor, trace: Trace, delays: list[float], timeout: fl
         tasks.append(task)
     # editors wait for the newest answer only; a cancelled request may never be answered
     try:
-        await asyncio.wait_for(asyncio.shield(tasks[-1]), timeout)
+        await asyncio.wait_for(asyncio.shield(tasks[-1]), min(timeout, 60.0))
     except asyncio.TimeoutError:
-        raise TimeoutError(f"the server did not answer the last keystroke's request in {timeout:.0f} s; "
+        raise TimeoutError(f"the server did not answer the last keystroke's request in {min(timeout, 60.0):.0f} s; "
                            f"{sum(a.answered is not None for a in answers)} of {len(answers)} requests "
                            "were answered") from None
     await asyncio.wait(tasks, timeout=2.0)
