@@ -129,6 +129,7 @@ async def _drain(stream: asyncio.StreamReader | None, log: Path | None) -> None:
     with log.open("ab") if log is not None else open(os.devnull, "wb") as out:
         while chunk := await stream.read(65536):
             out.write(chunk)
+            out.flush()  # a worker killed at its timeout keeps the server's last words
 
 
 class Request:
