@@ -29,6 +29,15 @@
     (execute-kbd-macro (vector ch))
     (sit-for 0.1)))
 
+(defun t-open-line ()
+  "From the file as on disk, a new line after line LSP_LLM_GHOST_AFTER (RET indents it).
+Each phase types in the same place, so the (deterministic) server suggests the same there."
+  (when (buffer-modified-p)
+    (revert-buffer t t t))
+  (goto-char (point-min))
+  (forward-line (1- (string-to-number (getenv "LSP_LLM_GHOST_AFTER"))))
+  (t-keys "C-e RET"))
+
 (defun t-ghost ()
   "What is shown: the ghost text, its overlay and the buffer, as a hash table."
   (let ((h (make-hash-table :test #'equal))
@@ -78,9 +87,7 @@
       (t-put "inline_mode" lsp-llm-inline-mode)
       (let ((typed (getenv "LSP_LLM_TYPED")))
         ;; 1. Ghost text appears; the popup items are there beside it; TAB accepts it whole.
-        (goto-char (point-min))
-        (forward-line (1- (string-to-number (getenv "LSP_LLM_GHOST_AFTER"))))
-        (t-keys "C-e RET")
+        (t-open-line)
         (t-type typed)
         (let ((g (t-wait-ghost "ghost text")))
           (t-put "accept_before" g)
@@ -92,14 +99,14 @@
           (t-keys "TAB")
           (t-put "accept_after" (t-ghost)))
         ;; 2. C-g dismisses it: the buffer stays, and it does not come back by itself.
-        (t-keys "C-e RET")
+        (t-open-line)
         (t-type typed)
         (t-put "dismiss_before" (t-wait-ghost "ghost text to dismiss"))
         (t-keys "C-g")
         (sit-for 1.0)
         (t-put "dismiss_after" (t-ghost))
         ;; 3. M-f accepts one word; the rest stays shown; then TAB the rest.
-        (t-keys "C-e RET")
+        (t-open-line)
         (t-type typed)
         (t-put "word_before" (t-wait-ghost "ghost text to accept by word"))
         (t-keys "M-f")
@@ -113,7 +120,7 @@
         (t-put "capf_off" (vconcat (t-capf-candidates)))
         (setq lsp-llm-inline-enabled nil)
         (lsp-llm-apply-options)
-        (t-keys "C-e RET")
+        (t-open-line)
         (t-type typed)
         (sit-for 2.0)
         (t-put "inline_off" (t-ghost)))

@@ -60,8 +60,42 @@ async function suggestLabels(page) {
     els.map((e) => (e.querySelector('.label-name') || e).textContent.trim()));
 }
 
-// A new line after the cursor's line, TYPED typed key by key; then wait for ghost text (or not).
+// The file as on disk at the start; each phase starts from it and types in the same place, so the
+// (deterministic) server suggests the same there.
+let ORIGINAL;
+
+async function editorText(page) {
+  return page.$$eval('.monaco-editor .view-lines .view-line', (els) =>
+    els.map((e) => ({ top: parseFloat(e.style.top) || 0, text: e.textContent.replace(/\u00a0/g, ' ') }))
+      .sort((a, b) => a.top - b.top).map((l) => l.text).join('\n'));
+}
+
+// Put the original file back on disk and "File: Revert File" from the command palette.
+async function restore(page) {
+  await page.keyboard.press('Escape');
+  fs.writeFileSync(process.env.FILE_PATH, ORIGINAL);
+  await page.keyboard.press('F1');
+  await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
+  await page.keyboard.type('File: Revert File', { delay: 20 });
+  await waitFor(async () => {
+    const rows = await page.$$eval('.quick-input-list .monaco-list-row', (els) => els.map((e) => e.textContent));
+    return rows.some((t) => /Revert File/.test(t));
+  }, 10000, 'Revert File in the palette');
+  await page.keyboard.press('Enter');
+  let last;
+  await waitFor(async () => (last = await editorText(page)) === ORIGINAL, 20000,
+    'the editor to show the file as on disk').catch((e) => { throw new Error(`${e}: ${JSON.stringify(last)}`); });
+  await page.locator('.monaco-editor textarea').first().focus();
+}
+
+// A new line after line GHOST_AFTER, TYPED typed key by key; then wait for ghost text (or not).
 async function typeLine(page, waitGhost) {
+  await page.keyboard.press('Control+G');
+  await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
+  await page.keyboard.type(process.env.GHOST_AFTER, { delay: 30 });
+  await page.keyboard.press('Enter');
+  await page.waitForSelector('.quick-input-widget', { state: 'hidden', timeout: 10000 });
+  await page.waitForTimeout(200);
   await page.keyboard.press('End');
   await page.keyboard.press('Enter');
   await page.waitForTimeout(200);
@@ -74,13 +108,7 @@ async function typeLine(page, waitGhost) {
 }
 
 async function ghostScenario(page, result) {
-  // The line after which to type (GHOST_AFTER).
-  await page.keyboard.press('Control+G');
-  await page.waitForSelector('.quick-input-widget input', { state: 'visible', timeout: 10000 });
-  await page.keyboard.type(process.env.GHOST_AFTER, { delay: 30 });
-  await page.keyboard.press('Enter');
-  await page.waitForSelector('.quick-input-widget', { state: 'hidden', timeout: 10000 });
-  await page.waitForTimeout(300);
+  ORIGINAL = fs.readFileSync(process.env.FILE_PATH, 'utf8');
 
   // 1. Ghost text appears as you type; Tab accepts it.
   result.accept_ghost = await typeLine(page, true);
@@ -91,6 +119,7 @@ async function ghostScenario(page, result) {
   await page.screenshot({ path: path.join(SHOTS, 'vscode-ghost-accepted.png') });
 
   // 2. Beside the suggest widget (Ctrl+Space), then Escape twice: widget, then ghost text gone.
+  await restore(page);
   result.side_ghost = await typeLine(page, true);
   await page.keyboard.press('Control+Space');
   result.side_labels = await waitFor(async () => {
@@ -107,6 +136,7 @@ async function ghostScenario(page, result) {
   result.dismissed = await saved(page);
 
   // 3. Ctrl+Right accepts one word; the rest stays shown.
+  await restore(page);
   result.word_ghost = await typeLine(page, true);
   await page.keyboard.press('Control+ArrowRight');
   await page.waitForTimeout(500);
@@ -115,6 +145,7 @@ async function ghostScenario(page, result) {
   result.word_after = await saved(page);
 
   // 4. lsp-llm.inline.enabled false: no ghost text, the suggest widget still has our items.
+  await restore(page);
   setSettings({ 'lsp-llm.inline.enabled': false });
   await page.waitForTimeout(1500);
   await typeLine(page, false);
@@ -125,9 +156,9 @@ async function ghostScenario(page, result) {
     const labels = await suggestLabels(page);
     return labels.some((l) => l.startsWith(process.env.TYPED)) && labels;
   }, 30000, 'the suggest widget with lsp-llm items').catch((e) => `${e}`);
-  await page.keyboard.press('Escape');
 
   // 5. lsp-llm.popup.enabled false: ghost text again, no items of ours in the suggest widget.
+  await restore(page);
   setSettings({ 'lsp-llm.inline.enabled': true, 'lsp-llm.popup.enabled': false });
   await page.waitForTimeout(1500);
   result.popup_off_ghost = await typeLine(page, true);
@@ -136,6 +167,7 @@ async function ghostScenario(page, result) {
   result.popup_off_labels = await suggestLabels(page);
   await page.screenshot({ path: path.join(SHOTS, 'vscode-popup-off.png') });
   await page.keyboard.press('Escape');
+  await restore(page);
 }
 
 (async () => {
