@@ -7,6 +7,7 @@ import asyncio
 import sys
 import sysconfig
 from concurrent.futures import Future
+from hashlib import sha256
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,12 @@ async def raw_request(client: LanguageClient, msg_id: str, method: str, params: 
     return await asyncio.wait_for(asyncio.wrap_future(fut), 30)
 
 
+async def document(client: LanguageClient, uri: str) -> dict:
+    """The server's mirror of a document: version, length, sha256 (lsp-llm.document)."""
+    return await client.workspace_execute_command_async(
+        t.ExecuteCommandParams(command="lsp-llm.document", arguments=[uri]))
+
+
 async def stats(client: LanguageClient, *args: object) -> dict:
     return await client.workspace_execute_command_async(
         t.ExecuteCommandParams(command="lsp-llm.stats", arguments=list(args) or None))
@@ -87,7 +94,8 @@ async def test_typing_then_completing_offers_whole_words(preset: LanguageClient)
 async def client(lsp_client: LanguageClient):
     caps = client_capabilities("visual-studio-code")
     await lsp_client.initialize_session(t.InitializeParams(
-        capabilities=caps, initialization_options={"items": 4, "nCtx": "big", "colour": 1}))
+        capabilities=caps, initialization_options={"items": 4, "nCtx": "big", "colour": 1,
+                                                   "readBudgetMs": 60000}))  # requests wait for reads
     yield
     await lsp_client.shutdown_session()
 
@@ -126,6 +134,8 @@ async def test_stats_and_reuse_after_a_keystroke(client: LanguageClient) -> None
 
 
 async def test_cancel_stops_a_long_completion(client: LanguageClient) -> None:
+    opened(client, "file:///tmp/small.py", PREFIX)
+    await complete(client, "file:///tmp/small.py", 4, 4)  # the model is loaded
     uri = "file:///tmp/big.py"
     text = SOURCE.read_text() * 2
     opened(client, uri, text)
@@ -139,6 +149,10 @@ async def test_cancel_stops_a_long_completion(client: LanguageClient) -> None:
     with pytest.raises(JsonRpcException) as err:
         await asyncio.wait_for(fut, 30)
     assert err.value.code == -32800  # RequestCancelled
+    # the engine stopped reading (between decode calls): another request is answered
+    # before the read that the cancelled one had started is done
+    await complete(client, "file:///tmp/small.py", 4, 4)
+    assert (await stats(client, uri))["cached"] < (await stats(client))["n_ctx"] // 2
     res = await complete(client, "file:///tmp/big.py", end, 0)  # still serving
     assert res.items
 
@@ -156,9 +170,15 @@ async def test_bad_input_gets_answers_and_the_server_keeps_serving(client: Langu
         text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=2),
         content_changes=[t.TextDocumentContentChangePartial(
             range=t.Range(t.Position(1, 9), t.Position(1, 9)), text="x")]))
-    # positions out of range are clamped (LSP semantics)
-    assert (await complete(client, uri, 99, 99)).items is not None
-    assert (await complete(client, uri, 0, 500)).items is not None
+    # it lands at the start of the crab: the mirror holds exactly that text
+    mirror = await document(client, uri)
+    assert mirror["sha256"] == sha256("a\x00b\x01c\r\ncrab = 'x🦀'\r\n".encode()).hexdigest()
+    assert (mirror["version"], mirror["stale"]) == (2, False)
+    # positions out of range are clamped (LSP semantics): the end of the document, of the line
+    for (line, col), end in (((1, 99), t.Position(1, 12)), ((0, 500), t.Position(0, 5)), ((99, 99), t.Position(2, 0))):
+        res = await complete(client, uri, line, col)
+        assert all(it.text_edit.range.end == end for it in res.items), (end, res.items)
+        assert res.items or line == 99  # (an empty last line may well have no item)
     # negative position and missing params: InvalidParams for that request id
     with pytest.raises(JsonRpcException) as err:
         await raw_request(client, "negative", t.TEXT_DOCUMENT_COMPLETION, {
@@ -195,7 +215,15 @@ async def test_long_reads_report_progress(client: LanguageClient) -> None:
     await complete(client, uri, text.count("\n"), 0)
     reports = [r for rs in client.progress_reports.values() for r in rs]
     assert any(isinstance(r, t.WorkDoneProgressBegin) and "reading" in r.title for r in reports)
-    assert any(isinstance(r, t.WorkDoneProgressEnd) for r in reports)
+    # every begin gets exactly one end, after it
+    for _ in range(100):
+        if all(isinstance(rs[-1], t.WorkDoneProgressEnd) for rs in client.progress_reports.values()):
+            break
+        await asyncio.sleep(0.1)
+    for rs in client.progress_reports.values():
+        kinds = [type(r).__name__ for r in rs]
+        assert isinstance(rs[0], t.WorkDoneProgressBegin) and isinstance(rs[-1], t.WorkDoneProgressEnd), kinds
+        assert kinds.count("WorkDoneProgressEnd") == 1, kinds
 
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER))
