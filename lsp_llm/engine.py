@@ -293,18 +293,22 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     break
-            if isinstance(work, _Job):
-                self._run_job(work)
-            elif isinstance(work, _Sync):
-                self._background_sync(work.uri, work.target)
-            else:
-                self._run_idle(work)
+            try:  # the engine thread must outlive any one piece of work
+                if isinstance(work, _Job):
+                    self._run_job(work)
+                elif isinstance(work, _Sync):
+                    self._background_sync(work.uri, work.target)
+                else:
+                    self._run_idle(work)
+            except Exception:
+                log.exception("engine: %s failed", type(work).__name__)
         self._close_all()
         with self._cond:
             pending = list(self._jobs)
             self._jobs.clear()
         for job in pending:
-            job.future.set_exception(RuntimeError("the engine is shutting down"))
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("the engine is shutting down"))
 
     def _next(self) -> _Job | _Sync | _Idle | None:
         """What the engine does next (under the lock): jobs, then syncs,
@@ -350,10 +354,12 @@ class Engine:
             self._running = None
 
     def _run_job_now(self, job: _Job) -> None:
-        if job.cancel.is_set():
-            job.future.set_exception(Cancelled())
-            return
+        # a future its request cancelled (asyncio.wrap_future passes the
+        # client's cancel on) takes no result: never touch it again
         if not job.future.set_running_or_notify_cancel():
+            return
+        if job.cancel.is_set():  # superseded, or over its budget, before it ran
+            job.future.set_exception(Cancelled())
             return
         try:
             job.future.set_result(job.fn())

@@ -159,3 +159,14 @@ def test_a_feed_probes_the_likely_next_tokens(engine: Engine, tiny: Model) -> No
 
     second, decoded = engine.submit(steps).result()
     assert decoded == 0  # its next step came with the feed
+
+
+def test_a_job_its_request_cancelled_leaves_the_engine_serving(engine: Engine) -> None:
+    gate = threading.Event()
+    engine.submit(gate.wait)
+    cancel = threading.Event()
+    fut = engine.submit(lambda: 1, cancel)
+    fut.cancel()  # what asyncio.wrap_future does when the client cancels
+    cancel.set()
+    gate.set()
+    assert engine.submit(lambda: 2).result(timeout=10) == 2 and engine.alive
