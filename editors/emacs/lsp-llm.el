@@ -272,7 +272,9 @@ characters; a line break with the next line's indentation is a word."
 (defun lsp-llm--clear ()
   "Hide the ghost text."
   (when lsp-llm--ghost
-    (delete-overlay (plist-get lsp-llm--ghost :overlay))
+    (let ((ov (plist-get lsp-llm--ghost :overlay)))
+      (when (overlay-get ov 'lsp-llm-hide) (delete-overlay (overlay-get ov 'lsp-llm-hide)))
+      (delete-overlay ov))
     (set-marker (plist-get lsp-llm--ghost :end) nil)
     (setq lsp-llm--ghost nil))
   (when lsp-llm--ghost-keys-mode (lsp-llm--ghost-keys-mode -1)))
@@ -283,13 +285,17 @@ characters; a line break with the next line's indentation is a word."
   (let* ((tail (buffer-substring-no-properties (point) end))
          ;; A one-line item that replaces the rest of the line and ends with
          ;; it (`foo)' over `)'): show only what it adds.
-         (shown (if (and (not (string-empty-p tail))
-                         (not (string-match-p "\n" text))
-                         (string-suffix-p tail text))
-                    (substring text 0 (- (length text) (length tail)))
-                  text))
+         (suffix (and (not (string-empty-p tail))
+                      (not (string-match-p "\n" text))
+                      (string-suffix-p tail text)))
+         (shown (if suffix (substring text 0 (- (length text) (length tail))) text))
          (ov (make-overlay (point) (point) nil t nil))
          (str (propertize shown 'face 'lsp-llm-ghost)))
+    ;; Any other item that replaces text after point: hide that text meanwhile.
+    (unless (or suffix (string-empty-p tail))
+      (let ((hide (make-overlay (point) end nil t nil)))
+        (overlay-put hide 'invisible t)
+        (overlay-put ov 'lsp-llm-hide hide)))
     (unless (string-empty-p str)
       ;; Keep the cursor before the ghost text, not after it.
       (put-text-property 0 1 'cursor t str))

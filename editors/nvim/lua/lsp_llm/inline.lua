@@ -115,15 +115,20 @@ local function render(bufnr, g)
     return { { (line:gsub('\t', string.rep(' ', ts))), hl } }
   end
   local first = lines[1]
-  -- A single-line item that replaces the rest of the line and ends with it (e.g. `foo)` over
-  -- `)`): show only what it adds, the rest is already on screen.
-  if #lines == 1 and g.end_row == g.row and g.end_col > g.col then
-    local tail = vim.api.nvim_buf_get_text(bufnr, g.row, g.col, g.end_row, g.end_col, {})[1]
-    if first:sub(-#tail) == tail then
-      first = first:sub(1, #first - #tail)
-    end
-  end
   local opts = { virt_text_pos = 'inline', hl_mode = 'combine', right_gravity = false }
+  -- The item may replace the rest of the line (the tail after the cursor).
+  local tail = ''
+  if g.end_row == g.row and g.end_col > g.col then
+    tail = vim.api.nvim_buf_get_text(bufnr, g.row, g.col, g.end_row, g.end_col, {})[1]
+  end
+  if tail ~= '' and #lines == 1 and first:sub(-#tail) == tail then
+    -- One line ending with the tail (`foo)` over `)`): show only what it adds.
+    first = first:sub(1, #first - #tail)
+  elseif tail ~= '' then
+    -- Otherwise draw the first line over the tail, padded to hide all of it.
+    opts.virt_text_pos = 'overlay'
+    first = first .. string.rep(' ', math.max(0, vim.fn.strdisplaywidth(tail) - vim.fn.strdisplaywidth(first)))
+  end
   if first ~= '' then
     opts.virt_text = chunk(first)
   end
