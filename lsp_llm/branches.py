@@ -64,15 +64,18 @@ def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
 
 
 def decode_rows(
-    session: Session, rows: list[Row], n: int, read: Callable[[Row, np.ndarray], Any]
+    session: Session, rows: list[Row], n: int, read: Callable[[Row, np.ndarray], Any],
+    step: int, should_stop: ShouldStop | None = None,
 ) -> dict[tuple[int, int], Any]:
-    """Decode branch rows in as few canonical calls as fit; a branch's first
-    row (index 0) copies the document sequence into the branch's sequence.
-    Returns ``read(row, logits)`` for each (branch, index) that wants logits."""
-    step = session.branch_step
+    """Decode branch rows in calls of at most ``step`` rows (canonical
+    sizes); a branch's first row (index 0) copies the document sequence into
+    the branch's sequence. Returns ``read(row, logits)`` for each (branch,
+    index) that wants logits."""
     out: dict[tuple[int, int], Any] = {}
     b = session.batch
     for c in range(0, len(rows), step):
+        if c and should_stop is not None and should_stop():
+            raise Cancelled()
         chunk = rows[c : c + step]
         for r, (i, j, token, want) in enumerate(chunk):
             if j == 0:
@@ -153,6 +156,7 @@ def extend(
     memo: GreedyMemo | None = None,
     drafts: bool = True,
     spare: Spare | None = None,
+    call_rows: int | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedily extend each first token in its own branch until
     ``done(i, text)`` or branch i has max_tokens[i] tokens.
@@ -161,6 +165,8 @@ def extend(
     drafts do spare work for later keystrokes: the ``spare`` first tokens,
     and finished branches going on to ``spare.done``. Spare work never adds a
     decode call and never changes an item; it only fills the memo.
+    ``call_rows`` caps the rows of one call (idle work keeps calls short, so
+    a request waits less for the one it preempts).
 
     Returns each branch's tokens and the number of rows decoded.
     """
@@ -180,7 +186,7 @@ def extend(
     prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
     sparing = spare is not None and memo is not None  # spare work only fills the memo
     index = DraftIndex(session.tokens) if drafts else None
-    step = session.branch_step
+    step = session.branch_step if call_rows is None else min(call_rows, session.branch_step)
 
     def check(i: int) -> None:
         """Settle branch i's item once it is complete."""
@@ -257,7 +263,7 @@ def extend(
                     rows += more
                     working.append(i)
                     free -= len(more)
-            out = decode_rows(session, rows, n, read=_step)
+            out = decode_rows(session, rows, n, _step, step, should_stop)
             decoded += len(rows)
             for i in working:
                 br = branches[i]

@@ -75,7 +75,7 @@ def branches_hold(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
         firsts = [int(t) for t in np.argsort(-s.logits)[:6]]
         for paths in ([[f] for f in firsts], [[firsts[0], *tokens[1:4]], [firsts[1]]], [[firsts[2], *tokens[1:10]]]):
             rows = [(i, j, t, j == len(path) - 1) for i, path in enumerate(paths) for j, t in enumerate(path)]
-            got = decode_rows(s, rows, len(tokens), read=lambda row, logits: logits.copy())
+            got = decode_rows(s, rows, len(tokens), lambda row, logits: logits.copy(), s.branch_step)
             for i in range(len(paths)):
                 drop_branch(s, i)
             for i, path in enumerate(paths):
