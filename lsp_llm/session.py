@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 DOC_SEQ = 0
 LOGITS_KEPT = 4  # tips whose logits a session remembers (BOS's is kept besides)
 # rows of a branch call: every one wants logits (1 MB each with a 262k
-# vocabulary), and llama.cpp keeps the largest output buffer a context ever
-# needed, so this bounds each context's memory
-BRANCH_ROWS = 32
+# vocabulary, twice: the compute buffer's result and the output buffer), and
+# llama.cpp keeps the largest buffers a context ever needed, so this bounds
+# each context's memory; short calls also let a request preempt idle work
+# sooner
+BRANCH_ROWS = 16
 ShouldStop = Callable[[], bool]
 Progress = Callable[[int, int], None]
 
