@@ -64,10 +64,22 @@ class Around:
         end = data.find(b"\n", offset)
         end = len(data) if end < 0 else end
         rest = data[offset:end].rstrip(b"\r")
-        following = (line.strip() for line in data[end + 1 :].split(b"\n", 64)[:64])
         first_break = data.find(b"\n")
         crlf = first_break > 0 and data[first_break - 1] == 0x0D
-        return cls(data[start:offset], rest, next((x for x in following if x), b""), crlf)
+        return cls(data[start:offset], rest, _next_nonblank(data, end + 1), crlf)
+
+
+def _next_nonblank(data: bytes, start: int, lines: int = 64) -> bytes:
+    """The first non-blank line (stripped) of the next ``lines`` from start."""
+    for _ in range(lines):
+        if start >= len(data):
+            break
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        if line := data[start:end].strip():
+            return line
+        start = end + 1
+    return b""
 
 
 @dataclass(frozen=True)
@@ -258,7 +270,7 @@ class Request:
 @dataclass
 class InlineStats:
     ms: float = 0.0  # the request, end to end on the engine
-    first_line_ms: float | None = None  # until the first non-blank line was ready
+    first_line_ms: float | None = None  # until the first line worth showing was ready (not only punctuation)
     decode_calls: int = 0  # llama_decode calls for it (each a canonical batch)
     decode_ms: float = 0.0  # time inside them
     memo_steps: int = 0  # greedy steps taken from the memo
@@ -367,7 +379,7 @@ def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float
 
     def done(_i: int, text: bytes) -> bool:
         body = text[progress.skip :].replace(b"\r\n", b"\n")
-        if progress.first_line_s is None and any(line.strip() for line in body.split(b"\n")[:-1]):
+        if progress.first_line_s is None and any(useful(line) for line in body.split(b"\n")[:-1]):
             progress.first_line_s = time.perf_counter() - t0
         return scan(body, req.around, req.rules).final
 
