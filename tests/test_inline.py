@@ -350,3 +350,12 @@ def test_after_accepting_a_suggestion_the_next_one_was_prepared(gemma_engines: t
     after = run(engine, request(engine, accepted, s))
     assert after.text.startswith("\n") and after.stats.memo_steps > 0 and after.stats.decode_calls <= 1, after
     assert run(fresh, request(fresh, accepted, s)) == after
+
+
+def test_ghost_text_settings_are_validated() -> None:
+    s, errors = Settings().update({"inline": False, "inlineLines": 2, "inlineTokens": 32, "inlineBudgetMs": 0,
+                                   "inlineStop": ["#"], "fim": False, "fimLines": 3})
+    assert errors == [] and (s.inline, s.inline_lines, s.inline_tokens, s.inline_budget_ms) == (False, 2, 32, 0)
+    assert (s.inline_stop, s.fim, s.fim_lines) == (("#",), False, 3)
+    _, errors = Settings().update({"inline": "yes", "inlineLines": 0, "inlineStop": "#", "fimLines": -1})
+    assert len(errors) == 4
