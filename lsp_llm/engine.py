@@ -264,6 +264,12 @@ class Engine:
         change items)."""
         return self.memo if self.model is not None and self.model.batch_rule.exact else None
 
+    @property
+    def jobs_waiting(self) -> bool:
+        """Whether a job waits behind the running one (a job that can answer
+        with less may stop early for it)."""
+        return bool(self._jobs)
+
     def idle_stats(self) -> dict[str, Any]:
         """Idle work so far: time, rows decoded, greedy steps prepared and
         how many of them a later request used; sequences kept in host memory."""

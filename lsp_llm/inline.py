@@ -388,7 +388,8 @@ def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float
             return True
         # after the first line and the budget; but every request decodes at
         # least once, so asking again always gets further
-        if progress.first_line_s is not None and stats.decode_calls and time.perf_counter() - t0 > req.budget_s:
+        if progress.first_line_s is not None and stats.decode_calls and (
+                time.perf_counter() - t0 > req.budget_s or engine.jobs_waiting):  # e.g. a popup request
             return True
         stats.decode_calls += 1
         return False
@@ -401,18 +402,21 @@ def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float
         if cancelled():
             raise
         path = known_path(memo, session, first, done, req.max_tokens)  # the budget ran out
-    text = b"".join(model.piece(tok) for tok in path)[progress.skip :]
-    ended = model.is_eog(path[-1])
-    final = ended or len(path) >= req.max_tokens or scan(text.replace(b"\r\n", b"\n"), req.around, req.rules).final
-    out = shape(text, req.around, req.rules, ended, req.fim)
     stats.memo_steps = memo.hits - hits0
     stats.tokens = len(path)
     stats.ms = (time.perf_counter() - t0) * 1000
     stats.decode_ms = (Session.decode_seconds - decode0) * 1000
     stats.first_line_ms = None if progress.first_line_s is None else progress.first_line_s * 1000
-    if out is None:
-        return Suggestion("", False, final, stats)
-    return Suggestion(out.text, out.replace, final, stats)
+    return _shown(model, path, req, progress.skip, stats)
+
+
+def _shown(model: Model, path: list[int], req: Request, skip: int, stats: InlineStats) -> Suggestion:
+    """What a branch's path shows (after the healed text), and whether more can come."""
+    text = b"".join(model.piece(tok) for tok in path)[skip:]
+    ended = model.is_eog(path[-1])
+    final = ended or len(path) >= req.max_tokens or scan(text.replace(b"\r\n", b"\n"), req.around, req.rules).final
+    out = shape(text, req.around, req.rules, ended, req.fim)
+    return Suggestion(out.text if out else "", bool(out and out.replace), final, stats)
 
 
 def extend_task(engine: Engine, req: Request, more_lines: int) -> Callable[[ShouldStop], None]:
