@@ -133,6 +133,9 @@ Each phase types in the same place, so the (deterministic) server suggests the s
 (ignore-errors
   (with-current-buffer (jsonrpc-stderr-buffer (eglot-current-server))
     (t-put "stderr" (buffer-string))))
+(ignore-errors
+  (with-current-buffer (jsonrpc-events-buffer (eglot-current-server))
+    (t-put "events_tail" (buffer-substring-no-properties (max (point-min) (- (point-max) 6000)) (point-max)))))
 (with-temp-file (getenv "LSP_LLM_OUT")
   (insert (json-encode t-result)))
 (ignore-errors (let ((eglot-autoshutdown t)) (eglot-shutdown (eglot-current-server) nil 5)))

@@ -159,7 +159,10 @@ def run_emacs_script(script: str, sample_project: Path, tmp_path: Path) -> dict:
     res = json.loads(out_file.read_text())
     if res.get("ok") is not True:
         server = res.get("stderr", "")[-3000:]
-        pytest.fail(f"emacs failed: {res.get('error')}\nserver:\n{server}\nemacs:\n{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"emacs failed: {res.get('error')}\nserver:\n{server}\nemacs:\n{proc.stderr[-3000:]}\n"
+            f"events:\n{res.get('events_tail', '')}"
+        )
     return res
 
 
