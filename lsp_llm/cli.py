@@ -17,7 +17,8 @@ def serve_parser() -> argparse.ArgumentParser:
         prog="lsp-llm",
         description="Language server with code completions from a local LLM (llama.cpp). "
         "Subcommands: 'lsp-llm demo' types into a file and shows completions; "
-        "'lsp-llm bench' measures latency against other engines.",
+        "'lsp-llm bench' measures latency against other engines; "
+        "'lsp-llm soak' drives it for a long run and reports crashes, unanswered requests and RSS.",
     )
     p.add_argument("--version", action="version", version=f"lsp-llm {__version__}")
     p.add_argument("--model", metavar="PATH", help="GGUF model file (default: the embedded Gemma 3 270M)")
@@ -87,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench
 
         return bench(argv[1:])
+    if argv and argv[0] == "soak":
+        from .soak import main as soak
+
+        return soak(argv[1:])
     if argv and argv[0] == "serve":
         argv = argv[1:]
     try:

@@ -1,0 +1,296 @@
+"""``lsp-llm soak``: a long run against the real server over stdio on the
+default model, as an editor would drive it for hours: typing (single and
+multi-change edits with non-ASCII and CRLF text), completions, a
+cancellation storm, close/reopen, bad input. It checks the mirror against
+the editor's text (``lsp-llm.document``), counts every request and its
+answer, and samples the server's RSS over time.
+
+Stops after ``--edits``, ``--completions`` and ``--cancels`` are all done,
+or after ``--minutes``. Not part of the test suite (the fuzz tests are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lsprotocol import types as t
+from pygls.exceptions import JsonRpcException
+
+from .editor_text import EditorText
+from .stdio_client import StdioServer, server_command
+
+ANSWER_S = 60.0
+SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "sched.py"
+UNICODE = "# naïve café: 😀 中文\r\nname = 'é' + \"😀\"\r\n\r\ndef greet(who):\r\n    return 'héllo ' + who\r\n"
+TYPED = list("abcdefghij_().:= ") + ["é", "😀", "中", "\n", "\r\n", "    ", "return ", "self."]
+
+
+@dataclass
+class Figures:
+    minutes: float = 0.0
+    edits: int = 0
+    completions: int = 0  # answered with a list
+    with_items: int = 0
+    cancels: int = 0  # requests cancelled by the client
+    cancelled: int = 0  # ... answered RequestCancelled (the others had their answer already)
+    requests: int = 0  # every request sent
+    answered: int = 0
+    unanswered: int = 0  # no answer within ANSWER_S
+    bad_inputs: int = 0
+    bad_answered_right: int = 0
+    mirror_checks: int = 0
+    mirror_mismatches: int = 0
+    bad_ranges: int = 0  # textEdits not ending at the cursor or not covering the item's start
+    crashes: int = 0
+    rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (minute, MB)
+
+    def summary(self) -> str:
+        start, end = self.rss_mb[0][1], self.rss_mb[-1][1]
+        peak = max(mb for _, mb in self.rss_mb)
+        series = ", ".join(f"{m:.1f} min {mb:.0f}" for m, mb in self.rss_mb)
+        return (f"{self.minutes:.1f} min: {self.edits} edits, {self.completions} completions "
+                f"({self.with_items} with items), {self.cancels} cancels ({self.cancelled} answered "
+                f"RequestCancelled), {self.requests} requests, {self.answered} answered, "
+                f"{self.unanswered} unanswered; {self.bad_inputs} bad inputs ({self.bad_answered_right} answered "
+                f"as expected); mirror checks {self.mirror_checks}, mismatches {self.mirror_mismatches}; "
+                f"bad ranges {self.bad_ranges}; crashes {self.crashes}\n"
+                f"RSS MB: start {start:.0f}, end {end:.0f}, peak {peak:.0f}, growth {end - start:+.0f}\n"
+                f"RSS over time (MB): {series}")
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except ImportError:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rng = random.Random(args.seed)
+        self.fig = Figures()
+        self.server: StdioServer | None = None
+        self.docs: list[EditorText] = []
+        self.t0 = time.monotonic()
+
+    def minutes(self) -> float:
+        return (time.monotonic() - self.t0) / 60
+
+    def done(self) -> bool:
+        a, f = self.args, self.fig
+        return self.minutes() >= a.minutes or (
+            f.edits >= a.edits and f.completions >= a.completions and f.cancels >= a.cancels)
+
+    async def start(self) -> None:
+        self.server = StdioServer(server_command(self.args.model, self.args.threads))
+        await self.server.start(t.ClientCapabilities(window=t.WindowClientCapabilities(work_done_progress=True)))
+        enc = self.server.encoding
+        self.docs = [EditorText(SOURCE.as_uri(), SOURCE.read_text(), enc),
+                     EditorText("file:///soak/u.py", UNICODE, enc)]
+        for doc in self.docs:
+            self.open(doc)
+
+    def open(self, doc: EditorText) -> None:
+        assert self.server is not None
+        self.server.client.text_document_did_open(t.DidOpenTextDocumentParams(
+            t.TextDocumentItem(uri=doc.uri, language_id="python", version=doc.version, text=doc.text)))
+
+    async def request(self, method: str, params: object, raw: bool = False) -> object:
+        """Counts the request and its answer; an error answer is re-raised."""
+        assert self.server is not None
+        self.fig.requests += 1
+        try:
+            send = self.server.raw_request if raw else self.server.request
+            result = await send(method, params, ANSWER_S)
+        except asyncio.TimeoutError:
+            self.fig.unanswered += 1
+            raise
+        except JsonRpcException:
+            self.fig.answered += 1
+            raise
+        self.fig.answered += 1
+        return result
+
+    def cursor(self, doc: EditorText) -> int:
+        """Somewhere to type: a boundary near the middle of the document."""
+        b = doc.boundaries()
+        return b[min(len(b) - 1, int(len(b) * self.rng.uniform(0.3, 0.7)))]
+
+    def edit(self, doc: EditorText) -> None:
+        assert self.server is not None
+        changes = []
+        for _ in range(self.rng.choice([1, 1, 1, 2, 3])):
+            at = self.cursor(doc)
+            b = doc.boundaries()
+            end = b[min(len(b) - 1, b.index(at) + self.rng.choice([0, 0, 0, 1, 3]))]
+            changes.append(doc.change(at, end, self.rng.choice(TYPED) if self.rng.random() < 0.8 else ""))
+        doc.version += 1
+        self.server.client.text_document_did_change(t.DidChangeTextDocumentParams(
+            text_document=t.VersionedTextDocumentIdentifier(uri=doc.uri, version=doc.version),
+            content_changes=changes))
+        self.fig.edits += 1
+
+    async def complete(self, doc: EditorText) -> None:
+        at = self.cursor(doc)
+        pos, text = doc.position(at), doc.text
+        try:
+            res = await self.request(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
+                text_document=t.TextDocumentIdentifier(uri=doc.uri), position=pos))
+        except (asyncio.TimeoutError, JsonRpcException):
+            return
+        assert isinstance(res, t.CompletionList)
+        self.fig.completions += 1
+        self.fig.with_items += bool(res.items)
+        before = EditorText(doc.uri, text, doc.encoding)
+        for item in res.items:
+            start = before.index(item.text_edit.range.start)
+            if item.text_edit.range.end != pos or start is None or \
+                    not item.text_edit.new_text.startswith(text[start:at]):
+                self.fig.bad_ranges += 1
+
+    async def cancel(self, doc: EditorText) -> None:
+        assert self.server is not None
+        msg_id = f"soak-cancel-{self.fig.cancels}"
+        fut = self.server.client.protocol.send_request_async(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
+            text_document=t.TextDocumentIdentifier(uri=doc.uri), position=doc.position(self.cursor(doc))),
+            msg_id=msg_id)
+        self.fig.requests += 1
+        self.fig.cancels += 1
+        await asyncio.sleep(self.rng.uniform(0, 0.03))
+        self.server.client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id=msg_id))
+        try:
+            await asyncio.wait_for(fut, ANSWER_S)
+        except asyncio.TimeoutError:
+            self.fig.unanswered += 1
+            return
+        except JsonRpcException as e:
+            self.fig.cancelled += e.code == -32800
+        self.fig.answered += 1
+
+    async def bad(self) -> None:
+        """Bad input: each must get its error (or its empty answer)."""
+        doc = self.rng.choice(self.docs)
+        self.fig.bad_inputs += 1
+        try:
+            if self.rng.random() < 0.5:
+                await self.request(t.TEXT_DOCUMENT_COMPLETION, {
+                    "textDocument": {"uri": doc.uri}, "position": {"line": -1, "character": 0}}, raw=True)
+            else:
+                res = await self.request(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
+                    text_document=t.TextDocumentIdentifier(uri="file:///soak/nowhere.py"), position=t.Position(0, 0)))
+                self.fig.bad_answered_right += isinstance(res, t.CompletionList) and not res.items
+        except JsonRpcException as e:
+            self.fig.bad_answered_right += e.code == -32602
+        except asyncio.TimeoutError:
+            pass
+
+    async def check_mirrors(self) -> None:
+        for doc in self.docs:
+            try:
+                got = await self.request(t.WORKSPACE_EXECUTE_COMMAND, t.ExecuteCommandParams(
+                    command="lsp-llm.document", arguments=[doc.uri]))
+            except (asyncio.TimeoutError, JsonRpcException):
+                self.fig.mirror_mismatches += 1
+                continue
+            self.fig.mirror_checks += 1
+            assert isinstance(got, dict)
+            if (got["sha256"], got["version"], got["length"]) != (doc.sha256, doc.version, doc.length):
+                self.fig.mirror_mismatches += 1
+
+    async def warm_up(self) -> None:
+        """The model loaded and the documents read: RSS is measured from here."""
+        assert self.server is not None
+        for doc in self.docs:
+            for _ in range(120):
+                await self.server.request(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
+                    text_document=t.TextDocumentIdentifier(uri=doc.uri), position=doc.position(self.cursor(doc))),
+                    ANSWER_S)
+                st = await self.server.command("lsp-llm.stats", doc.uri)
+                if st.get("cached", 0) > 0 and st.get("fed_last", 1) == 0:
+                    break
+                await asyncio.sleep(0.5)
+        self.t0 = time.monotonic()
+
+    def sample(self) -> None:
+        assert self.server is not None and self.server.pid is not None
+        self.fig.rss_mb.append((round(self.minutes(), 2), round(rss_mb(self.server.pid), 1)))
+
+    async def reopen(self, doc: EditorText) -> None:
+        assert self.server is not None
+        self.server.client.text_document_did_close(t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(doc.uri)))
+        doc.version += 1
+        self.open(doc)
+
+    async def step(self, i: int) -> None:
+        doc = self.docs[i % 7 == 0]  # mostly the big file, sometimes the Unicode one
+        for _ in range(5):
+            self.edit(doc)
+        await self.complete(doc)
+        if i % 2 == 0:
+            await self.cancel(doc)
+        if i % 10 == 0:
+            await self.check_mirrors()
+        if i % 25 == 0:
+            await self.bad()
+        if i % 200 == 199:
+            await self.reopen(doc)
+
+    async def run(self) -> Figures:
+        await self.start()
+        assert self.server is not None
+        await self.warm_up()
+        self.sample()
+        last, i = time.monotonic(), 0
+        try:
+            while not self.done():
+                if not self.server.alive:
+                    self.fig.crashes += 1
+                    print(f"lsp-llm soak: the server died:\n{chr(10).join(self.server.stderr)}", file=sys.stderr)
+                    await self.start()
+                await self.step(i)
+                i += 1
+                if time.monotonic() - last >= self.args.sample_s:
+                    last = time.monotonic()
+                    self.sample()
+                    print(f"  {self.minutes():5.1f} min: {self.fig.edits} edits, {self.fig.completions} completions, "
+                          f"{self.fig.cancels} cancels, RSS {self.fig.rss_mb[-1][1]:.0f} MB", file=sys.stderr)
+            await self.check_mirrors()
+            self.sample()
+        finally:
+            await self.server.stop()
+        self.fig.minutes = round(self.minutes(), 2)
+        return self.fig
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lsp-llm soak", description=__doc__)
+    p.add_argument("--minutes", type=float, default=30.0, help="stop after this long at the latest")
+    p.add_argument("--edits", type=int, default=10_000)
+    p.add_argument("--completions", type=int, default=2_000)
+    p.add_argument("--cancels", type=int, default=1_000)
+    p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-s", type=float, default=15.0, help="seconds between RSS samples")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    fig = asyncio.run(Soak(args).run())
+    print(fig.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(fig), indent=1))
+    failed = fig.crashes or fig.unanswered or fig.mirror_mismatches or fig.bad_ranges
+    return 1 if failed else 0
