@@ -85,6 +85,7 @@ class Soak:
         self.fig = Figures()
         self.server: StdioServer | None = None
         self.docs: list[EditorText] = []
+        self.cursors: dict[str, int] = {}
         self.t0 = time.monotonic()
 
     def minutes(self) -> float:
@@ -126,18 +127,37 @@ class Soak:
         return result
 
     def cursor(self, doc: EditorText) -> int:
-        """Somewhere to type: a boundary near the middle of the document."""
+        """Where the user types: it moves with the typing, and now and then
+        jumps elsewhere in the middle of the document."""
         b = doc.boundaries()
-        return b[min(len(b) - 1, int(len(b) * self.rng.uniform(0.3, 0.7)))]
+        at = self.cursors.get(doc.uri)
+        if at is None or self.rng.random() < 0.02:
+            at = b[min(len(b) - 1, int(len(b) * self.rng.uniform(0.3, 0.7)))]
+        at = max(x for x in b if x <= min(at, len(doc.text)))  # a valid boundary
+        self.cursors[doc.uri] = at
+        return at
 
     def edit(self, doc: EditorText) -> None:
+        """A keystroke at the cursor (typing, a backspace, a word deleted),
+        sometimes sent with a second change a little earlier (multi-change)."""
         assert self.server is not None
+        at = self.cursor(doc)
+        b = doc.boundaries()
+        i = b.index(at)
         changes = []
-        for _ in range(self.rng.choice([1, 1, 1, 2, 3])):
+        if self.rng.random() < 0.15 and i > 20:  # a second change before the cursor
+            j = b[i - self.rng.randint(5, 20)]
+            changes.append(doc.change(j, j, self.rng.choice(TYPED)))
             at = self.cursor(doc)
-            b = doc.boundaries()
-            end = b[min(len(b) - 1, b.index(at) + self.rng.choice([0, 0, 0, 1, 3]))]
-            changes.append(doc.change(at, end, self.rng.choice(TYPED) if self.rng.random() < 0.8 else ""))
+            b, i = doc.boundaries(), doc.boundaries().index(at)
+        if self.rng.random() < 0.8:
+            text = self.rng.choice(TYPED)
+            changes.append(doc.change(at, at, text))
+            self.cursors[doc.uri] = at + len(text)
+        else:
+            start = b[max(0, i - self.rng.choice([1, 1, 4]))]
+            changes.append(doc.change(start, at, ""))
+            self.cursors[doc.uri] = start
         doc.version += 1
         self.server.client.text_document_did_change(t.DidChangeTextDocumentParams(
             text_document=t.VersionedTextDocumentIdentifier(uri=doc.uri, version=doc.version),
