@@ -357,6 +357,8 @@ class _Progress:
     t0: float
     skip: int  # bytes of healed text at the start of the branch
     first_line_s: float | None = None
+    known: int = 0  # bytes of the path the memo knew when the request came
+    reached: int = 0  # bytes of the path so far
 
 
 def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float | None = None) -> Suggestion:
@@ -378,6 +380,7 @@ def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float
     progress = _Progress(t0, len(req.healed))
 
     def done(_i: int, text: bytes) -> bool:
+        progress.reached = max(progress.reached, len(text))
         body = text[progress.skip :].replace(b"\r\n", b"\n")
         if progress.first_line_s is None and any(useful(line) for line in body.split(b"\n")[:-1]):
             progress.first_line_s = time.perf_counter() - t0
@@ -386,17 +389,24 @@ def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float
     def should_stop() -> bool:  # asked before each decode call
         if cancelled():
             return True
-        # after the first line and the budget; but every request decodes at
-        # least once, so asking again always gets further
-        if progress.first_line_s is not None and stats.decode_calls and (
-                time.perf_counter() - t0 > req.budget_s or engine.jobs_waiting):  # e.g. a popup request
+        if progress.first_line_s is None:
+            return False
+        if engine.jobs_waiting:  # e.g. a popup request: it does not wait behind ghost text
             return True
-        stats.decode_calls += 1
-        return False
+        # past the budget; but every request gets past what the memo knew,
+        # so asking again always gets further
+        return progress.reached > progress.known and time.perf_counter() - t0 > req.budget_s
 
+    def counted() -> bool:
+        stop = should_stop()
+        stats.decode_calls += not stop
+        return stop
+
+    progress.known = progress.reached = len(b"".join(
+        model.piece(tok) for tok in known_path(memo, session, first, done, req.max_tokens)))
     hits0 = memo.hits
     try:
-        paths, _ = extend(session, [first], done, [req.max_tokens], should_stop, memo)
+        paths, _ = extend(session, [first], done, [req.max_tokens], counted, memo)
         path = paths[0]
     except Cancelled:
         if cancelled():

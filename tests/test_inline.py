@@ -237,7 +237,6 @@ def test_a_budget_answers_early_with_whole_lines_and_asking_again_gets_more(
             break
     texts = [a.text for a in answers]
     assert len(answers) > 1 and got.complete, texts
-    assert all(a.stats.decode_calls <= 1 for a in answers[1:]), texts  # one step past what is known
     assert all(a.text.startswith(b.text) for a, b in zip(answers[1:], answers)), texts  # growing
     assert "\n" in got.text  # several lines
     # the same suggestion as a fresh engine with no budget; asking again decodes nothing
