@@ -79,7 +79,9 @@ Each phase types in the same place, so the (deterministic) server suggests the s
       (setq lsp-llm-server-command (append (json-read-from-string (getenv "LSP_LLM_CMD")) nil)
             lsp-llm-items 5
             eglot-sync-connect 120
-            eglot-connect-timeout 300)
+            eglot-connect-timeout 300
+            ;; a busy 2-core machine: more than jsonrpc's 10 s for a request (capf, direct)
+            jsonrpc-default-request-timeout 60)
       (find-file (getenv "LSP_LLM_FILE"))
       (lsp-llm-eglot)
       (t-wait (lambda () (and (eglot-current-server) (jsonrpc-running-p (eglot-current-server))))
