@@ -374,3 +374,54 @@ def test_nvim_ghost_text_and_popup_switch_off(sample_project: Path, tmp_path: Pa
         now = nvim.lua("WANT_PUM = false" + GHOST)
         assert now["shown"] == [] and now["pum"] == 0, now
         assert now["lines"][g["row"]].strip() == TYPED
+
+
+def test_nvim_accepts_an_item_on_a_non_ascii_line(nvim: Nvim):
+    """The defect users hit: on `message = 'café ' + pri` Neovim (UTF-8
+    positions) got a range one byte short per é, so accepting the top item
+    ate the space before `pri`. The item must replace exactly `pri`, and the
+    server's mirror must equal the buffer afterwards."""
+    nvim.wait(
+        "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1];"
+        "return c ~= nil and c.initialized and { done = true, enc = c.offset_encoding }",
+        timeout=60, what="lsp_llm client to initialize",
+    )
+    head = "message = 'café ' + "
+    nvim.send("6Go")
+    for ch in head + TYPED:
+        time.sleep(0.05)
+        nvim.send(ch)
+    state = nvim.wait(
+        "local ci = vim.fn.complete_info({'items', 'selected'});"
+        "local words = vim.tbl_map(function(i) return i.word end, ci.items);"
+        "local line = vim.api.nvim_get_current_line();"
+        f"local ok = vim.fn.pumvisible() == 1 and line:match('{TYPED}$') ~= nil"
+        f" and vim.iter(words):any(function(w) return #w > {len(TYPED)} and w:sub(1, {len(TYPED)}) == '{TYPED}' end);"
+        "return { done = ok, words = words, selected = ci.selected, line = line }",
+        timeout=60, what=f"the completion menu after {head + TYPED!r}",
+    )
+    line_before = state["line"]
+    assert line_before.strip() == head + TYPED
+    words = state["words"]
+    target = next(w for w in words if len(w) > len(TYPED) and w.startswith(TYPED))
+    idx = words.index(target)
+    nvim.send("<C-n>" * (idx - state["selected"] if state["selected"] >= 0 else idx + 1))
+    time.sleep(0.2)
+    nvim.send("<C-y>")
+    time.sleep(0.3)
+    nvim.send("<Esc>")
+    line = nvim.wait(
+        "return vim.api.nvim_get_mode().mode == 'n' and vim.api.nvim_get_current_line()", timeout=10, what="normal mode"
+    )
+    assert line == line_before[: -len(TYPED)] + target, (line_before, line)  # the space before `pri` survives
+    # the server sees exactly the buffer (lsp-llm.document: SHA-256 of its text)
+    mirror = nvim.wait(
+        "local c = vim.lsp.get_clients({ name = 'lsp_llm', bufnr = 0 })[1];"
+        "local r = c:request_sync('workspace/executeCommand', { command = 'lsp-llm.document',"
+        " arguments = { vim.uri_from_bufnr(0) } }, 10000, 0);"
+        "local text = table.concat(vim.api.nvim_buf_get_lines(0, 0, -1, false), '\\n') .. '\\n';"
+        "local ok = r and r.result and r.result.sha256 == vim.fn.sha256(text);"
+        "return { done = ok, server = r and r.result, buffer = vim.fn.sha256(text) }",
+        timeout=20, what="the server's mirror to equal the buffer",
+    )
+    assert mirror["done"]
