@@ -156,6 +156,7 @@ def extend(
     memo: GreedyMemo | None = None,
     drafts: bool = True,
     spare: Spare | None = None,
+    call_rows: int | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedily extend each first token in its own branch until
     ``done(i, text)`` or branch i has max_tokens[i] tokens.
@@ -164,6 +165,8 @@ def extend(
     drafts do spare work for later keystrokes: the ``spare`` first tokens,
     and finished branches going on to ``spare.done``. Spare work never adds a
     decode call and never changes an item; it only fills the memo.
+    ``call_rows`` caps the rows of one call (idle work keeps its calls short:
+    a request that arrives waits for the one running).
 
     Returns each branch's tokens and the number of rows decoded.
     """
@@ -183,7 +186,7 @@ def extend(
     prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
     sparing = spare is not None and memo is not None  # spare work only fills the memo
     index = DraftIndex(session.tokens) if drafts else None
-    step = session.branch_step
+    step = session.branch_step if call_rows is None else min(call_rows, session.branch_step)
 
     def check(i: int) -> None:
         """Settle branch i's item once it is complete."""

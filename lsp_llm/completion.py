@@ -21,6 +21,7 @@ from .session import Session, ShouldStop
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word
 SPARE_FIRSTS = 8  # first tokens beyond the items that free rows extend
+IDLE_CALL_ROWS = 8  # idle calls are short (~50 ms): a request waits for the one running
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
     # to the end of the line, for the keystrokes to come
     spare = Spare([int(ids[i]) for i in usable[ask.items :]], lambda text: line_end(text[skip:]) is not None,
                   max(ask.line_tokens, WORD_TOKENS), alone=engine.memo.preparing)
-    branches, generated = extend(session, firsts, done, limits, should_stop, memo, spare=spare)
+    call_rows = IDLE_CALL_ROWS if engine.memo.preparing else None
+    branches, generated = extend(session, firsts, done, limits, should_stop, memo, spare=spare, call_rows=call_rows)
     t2 = time.perf_counter()
     out: list[Candidate] = []
     words: list[int] = []

@@ -81,6 +81,7 @@ class _Job:
     fn: Callable[[], Any]
     future: Future
     cancel: threading.Event = field(default_factory=threading.Event)
+    queued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class Engine:
         self.stats: dict[str, DocStats] = {}
         self.focus: str | None = None  # the document at the cursor
         self.idle_ms_total = 0.0
+        self.job_wait_ms = 0.0  # how long the last job waited to start
         self.idle_rows_total = 0
         self.memo = GreedyMemo()  # greedy steps of the current model
         self.on_progress: ProgressFn | None = None
@@ -264,6 +266,9 @@ class Engine:
         change items)."""
         return self.memo if self.model is not None and self.model.batch_rule.exact else None
 
+    def _request_waits(self) -> bool:
+        return bool(self._jobs) or self._stopping
+
     @property
     def jobs_waiting(self) -> bool:
         """Whether a job waits behind the running one (a job that can answer
@@ -275,6 +280,7 @@ class Engine:
         how many of them a later request used; sequences kept in host memory."""
         return {
             "idle_ms_total": round(self.idle_ms_total, 3),
+            "job_wait_ms_last": round(self.job_wait_ms, 3),
             "idle_rows_total": self.idle_rows_total,
             "idle_steps": self.memo.prepared,
             "idle_steps_used": self.memo.prepared_used,
@@ -367,6 +373,7 @@ class Engine:
         if job.cancel.is_set():  # superseded, or over its budget, before it ran
             job.future.set_exception(Cancelled())
             return
+        self.job_wait_ms = (time.perf_counter() - job.queued) * 1000  # behind the work it preempted
         try:
             job.future.set_result(job.fn())
         except BaseException as e:  # noqa: BLE001 - handed to the waiting request
@@ -394,6 +401,7 @@ class Engine:
 
         t0, rows0 = time.perf_counter(), Session.decoded_rows
         self.memo.preparing = True
+        Session.interrupt = self._request_waits  # a request stops even a decode call midway
         try:
             work.task(preempted)
             done = True
@@ -403,6 +411,7 @@ class Engine:
             log.exception("%s: idle work failed", work.uri)
             done = True
         finally:
+            Session.interrupt = None
             self.memo.preparing = False
             self.idle_ms_total += (time.perf_counter() - t0) * 1000
             self.idle_rows_total += Session.decoded_rows - rows0

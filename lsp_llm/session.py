@@ -84,6 +84,9 @@ class Session:
     while extending completion candidates."""
 
     decode_seconds = 0.0  # time inside llama_decode, all sessions (engine thread only)
+    # set by the engine while idle work runs: whether a request waits (checked
+    # inside llama_decode, so it must be cheap and must not raise)
+    interrupt: Callable[[], bool] | None = None
     decoded_rows = 0  # rows decoded, padding included, all sessions (engine thread only)
 
     def __init__(self, model: Model, n_ctx: int, n_branches: int) -> None:
@@ -94,6 +97,10 @@ class Session:
         self.mem = llama.llama_get_memory(self.ctx)
         self.rows = model.n_ubatch
         self.batch = llama.llama_batch_init(self.rows, 0, n_branches + 1)
+        # llama.cpp asks this between graph nodes: a call for idle work stops
+        # within a millisecond or two when a request arrives (see ``decode``)
+        self._abort = llama.ggml_abort_callback(lambda _data: Session._interrupted())
+        llama.llama_set_abort_callback(self.ctx, self._abort, None)
         self.tokens: list[int] = []
         self.logits: np.ndarray | None = None
         self.fed_count = 0  # document tokens decoded, ever (cancelled feeds included)
@@ -110,6 +117,11 @@ class Session:
         """The most rows one branch call takes (a canonical size)."""
         rows = min(self.rows, BRANCH_ROWS)
         return rows - rows % self.rule.multiple
+
+    @staticmethod
+    def _interrupted() -> bool:
+        check = Session.interrupt
+        return check is not None and check()
 
     def close(self) -> None:
         if self.ctx:
@@ -279,6 +291,9 @@ class Session:
         rc = llama.llama_decode(self.ctx, self.batch)
         Session.decode_seconds += time.perf_counter() - t
         Session.decoded_rows += rows
+        if rc == 2:  # interrupted: llama.cpp rolls the call back; make sure no cell of it stays
+            llama.llama_memory_seq_rm(self.mem, -1, min(self.batch.pos[r] for r in range(rows)), -1)
+            raise Cancelled()
         if rc != 0:
             # the cache may now be partly written: start over next time
             self.reset()

@@ -143,3 +143,34 @@ def test_probes_in_the_padding_learn_the_next_step_exactly(tiny: Model, probes: 
         assert llama.llama_memory_seq_pos_max(s.mem, 0) == len(target) - 1
     finally:
         s.close()
+
+
+def test_an_interrupted_call_leaves_no_cells_and_the_session_exact(tiny: Model) -> None:
+    from lsp_llm.branches import extend
+    from lsp_llm.session import Cancelled
+
+    target = tiny.tokenize(BASE.encode(), True)
+    s = Session(tiny, n_ctx=1024, n_branches=4)
+    asked = []
+
+    def midway() -> bool:  # llama.cpp asks between graph nodes: stop in the middle of the call
+        asked.append(1)
+        return len(asked) > 20
+
+    try:
+        s.sync(target[:-40])
+        Session.interrupt = midway
+        with pytest.raises(Cancelled):
+            s.sync(target)  # a feed, stopped inside its call
+        asked.clear()
+        with pytest.raises(Cancelled):
+            extend(s, [int(np.argmax(s.logits))] * 1 + [5, 6], lambda i, t: False, [6, 6, 6])
+        Session.interrupt = None
+        assert s.tokens == target[:-40]
+        assert llama.llama_memory_seq_pos_max(s.mem, 0) == len(target) - 41  # nothing past the document
+        assert all(llama.llama_memory_seq_pos_max(s.mem, q) == -1 for q in range(1, 5))
+        s.sync(target)
+        assert np.array_equal(s.logits, fresh_logits(tiny, target))
+    finally:
+        Session.interrupt = None
+        s.close()
