@@ -116,6 +116,25 @@ def drop_branch(session: Session, i: int) -> None:
     llama.llama_memory_seq_rm(session.mem, i + 1, -1, -1)
 
 
+def walk_memo(
+    model: Any, memo: GreedyMemo, prefix: Any, firsts: Sequence[int], done: Callable[[int, bytes], bool],
+    limits: Sequence[int],
+) -> list[list[int]] | None:
+    """Each branch as ``extend`` would grow it, taken from the memo alone;
+    None if some item needs a step the memo does not know."""
+    out = []
+    for i, (first, limit) in enumerate(zip(firsts, limits)):
+        toks, text = [first], model.piece(first)
+        while not (model.is_eog(toks[-1]) or done(i, text) or len(toks) >= limit):
+            tok = memo.get(GreedyMemo.key(prefix, toks), use=True)
+            if tok is None:
+                return None
+            toks.append(tok)
+            text += model.piece(tok)
+        out.append(toks)
+    return out
+
+
 def item_limits(max_tokens: Sequence[int], free_cells: int, rule: BatchRule) -> list[int]:
     """Each item's token limit: its own, cut near a full context so that all
     items fit the free cells together, padding included. It depends only on

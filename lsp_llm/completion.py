@@ -10,13 +10,15 @@ always gives the same candidates.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .branches import Spare, extend
+from .branches import Spare, extend, item_limits, walk_memo
 from .engine import DocStats, Engine, IdleTask
+from .greedy import GreedyMemo
 from .session import Session, ShouldStop
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word
@@ -123,39 +125,100 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
     t0, decode0 = time.perf_counter(), Session.decode_seconds
     session = engine.sync(ask.uri, ask.prompt, should_stop, ask.healed, deadline)
     t1 = time.perf_counter()
-    model = engine.model
-    typed = ask.healed
-    allowed = model.tokens_starting_with(typed) if typed else None
-    if allowed is not None and not len(allowed):
-        return Answer([], [], [])  # no token fits the typed text
-    ids, probs = top_tokens(session.logits, min(ask.items + SPARE_FIRSTS, engine.n_branches), allowed)
-    usable = [i for i, t in enumerate(ids) if not model.is_eog(int(t))]
-    keep = usable[: ask.items]
-    firsts = [int(ids[i]) for i in keep]
-    p_first = {int(ids[i]): float(probs[i]) for i in keep}
-    skip = len(typed)  # the healed text is already in the document
-    lines = ask.line_tokens > 0  # the most likely candidate goes on to the end of the line
-    mid_word = ask.mid_word
-
-    def done(i: int, text: bytes) -> bool:
-        rest = text[skip:]
-        return (line_end(rest) if i == 0 and lines else word_end(rest, mid_word)) is not None
-
-    limits = [WORD_TOKENS] * len(firsts)
-    if lines and limits:
-        limits[0] = max(ask.line_tokens, WORD_TOKENS)
-    memo = engine.exact_memo
+    choice = _choose(engine, session.logits, ask)
+    if choice is None:
+        return Answer([], [], [])
+    done, limits = _stops(ask, len(choice.firsts))
     hits0 = engine.memo.hits
     # free batch rows extend the next likely first tokens, and every branch
     # to the end of the line, for the keystrokes to come
-    spare = Spare([int(ids[i]) for i in usable[ask.items :]], lambda text: line_end(text[skip:]) is not None,
+    skip = len(ask.healed)
+    spare = Spare(choice.spare, lambda text: line_end(text[skip:]) is not None,
                   max(ask.line_tokens, WORD_TOKENS), alone=engine.memo.preparing)
     call_rows = IDLE_CALL_ROWS if engine.memo.preparing else None
-    branches, generated = extend(session, firsts, done, limits, should_stop, memo, spare=spare, call_rows=call_rows)
+    branches, generated = extend(session, choice.firsts, done, limits, should_stop, engine.exact_memo,
+                                 spare=spare, call_rows=call_rows)
     t2 = time.perf_counter()
+    got = _build(engine.model, branches, choice, ask)
+    if not engine.memo.preparing:  # idle work is not a request
+        _record(engine.stats.setdefault(ask.uri, DocStats()), generated, engine.memo.hits - hits0,
+                t0, t1, t2, Session.decode_seconds - decode0)
+    return got
+
+
+def from_memo(engine: Engine, ask: Ask) -> Answer | None:
+    """The same answer as ``answer``, if the logits after the prompt are
+    remembered (``Engine.tips``) and the memo knows every step of every item:
+    no decode, no engine job, wherever the session is. Any thread. None when
+    something is missing."""
+    memo, model = engine.exact_memo, engine.model
+    if memo is None or not ask.prompt:
+        return None
+    t0 = time.perf_counter()
+    fitted = engine.fit(ask.prompt)
+    prefix = GreedyMemo.prefix(fitted)
+    logits = engine.tips.get(prefix.digest())
+    if logits is None:
+        return None
+    choice = _choose(engine, logits, ask)
+    if choice is None:
+        return None
+    done, limits = _stops(ask, len(choice.firsts))
+    limits = item_limits(limits, engine.n_ctx - len(fitted), model.batch_rule)  # as ``extend`` caps them
+    branches = walk_memo(model, memo, prefix, choice.firsts, done, limits)
+    if branches is None:
+        return None
+    got = _build(model, branches, choice, ask)
+    _record(engine.stats.setdefault(ask.uri, DocStats()), 0, sum(len(b) - 1 for b in branches), t0, t0,
+            time.perf_counter(), 0.0)
+    return got
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """A completion's first tokens, from the logits after its prompt."""
+
+    firsts: list[int]  # one per item, most likely first
+    p_first: dict[int, float]
+    spare: list[int]  # the next likely ones, for spare work
+
+
+def _choose(engine: Engine, logits: np.ndarray, ask: Ask) -> _Choice | None:
+    """The best first tokens that start with the healed text (None: none does)."""
+    model = engine.model
+    allowed = model.tokens_starting_with(ask.healed) if ask.healed else None
+    if allowed is not None and not len(allowed):
+        return None
+    ids, probs = top_tokens(logits, min(ask.items + SPARE_FIRSTS, engine.n_branches), allowed)
+    usable = [i for i, t in enumerate(ids) if not model.is_eog(int(t))]
+    keep = usable[: ask.items]
+    return _Choice([int(ids[i]) for i in keep], {int(ids[i]): float(probs[i]) for i in keep},
+                   [int(ids[i]) for i in usable[ask.items :]])
+
+
+def _stops(ask: Ask, k: int) -> tuple[Callable[[int, bytes], bool], list[int]]:
+    """When branch i's item is complete, and each item's token limit: whole
+    words; the likeliest goes on to the end of the line."""
+    skip = len(ask.healed)  # the healed text is already in the document
+    lines = ask.line_tokens > 0
+
+    def done(i: int, text: bytes) -> bool:
+        rest = text[skip:]
+        return (line_end(rest) if i == 0 and lines else word_end(rest, ask.mid_word)) is not None
+
+    limits = [WORD_TOKENS] * k
+    if lines and limits:
+        limits[0] = max(ask.line_tokens, WORD_TOKENS)
+    return done, limits
+
+
+def _build(model: Any, branches: list[list[int]], choice: _Choice, ask: Ask) -> Answer:
+    """Items from the grown branches: distinct by what they show."""
+    skip = len(ask.healed)
+    lines = ask.line_tokens > 0
     out: list[Candidate] = []
     words: list[int] = []
-    seen: set[str] = set()  # items are distinct by what they show
+    seen: set[str] = set()
 
     def add(text: str, p: float, whole_line: bool = False) -> None:
         if text.strip() and text.strip() not in seen:
@@ -164,16 +227,13 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
 
     for i, toks in enumerate(branches):
         rest = b"".join(model.piece(t) for t in toks if not model.is_eog(t))[skip:]
-        p = p_first[toks[0]]
+        p = choice.p_first[toks[0]]
         if i == 0 and lines:
             cut = line_end(rest)
             add(_decode(rest[:cut] if cut is not None else rest).rstrip(), p, whole_line=True)
-        cut = word_end(rest, mid_word)
+        cut = word_end(rest, ask.mid_word)
         add(_decode(rest[:cut] if cut is not None else rest), p)
         words.append(_tokens_within(model, toks, skip + (len(rest) if cut is None else cut)))
-    if not engine.memo.preparing:  # idle work is not a request
-        _record(engine.stats.setdefault(ask.uri, DocStats()), generated, engine.memo.hits - hits0,
-                t0, t1, t2, Session.decode_seconds - decode0)
     return Answer(out, branches, words)
 
 

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .greedy import GreedyMemo
+from .greedy import GreedyMemo, Tips
 from .session import Cancelled, SavedState, Session, ShouldStop, SyncResult, common_prefix
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ class Engine:
         self.job_wait_ms = 0.0  # how long the last job waited to start
         self.idle_rows_total = 0
         self.memo = GreedyMemo()  # greedy steps of the current model
+        self.tips = Tips()  # logits after recent prompts
         self.on_progress: ProgressFn | None = None
         self._targets: dict[str, list[int]] = {}
         self._healed: dict[str, bytes] = {}
@@ -268,6 +269,10 @@ class Engine:
 
     def _request_waits(self) -> bool:
         return bool(self._jobs) or self._stopping
+
+    def fit(self, target: list[int]) -> list[int]:
+        """The target as a session holds it (windowed to the context)."""
+        return window(target, self.n_ctx, self.headroom, bool(self.model.add_bos))[0]
 
     @property
     def jobs_waiting(self) -> bool:
@@ -512,6 +517,8 @@ class Engine:
         if memo is not None and start_key is not None:
             for tok, after in result.probed.items():
                 memo.put(GreedyMemo.key(start_key, [tok]), after[0], after)
+            if s.logits is not None:
+                self.tips.put(start_key.digest(), s.logits)
         st.window_start = start
         if not self.memo.preparing:  # idle work guesses; the *_last counters are what the user got
             st.reused_last, st.fed_last, st.probed_last = result.reused, result.fed, len(result.probed)
@@ -545,6 +552,7 @@ class Engine:
         (``swap_model`` sees to it)."""
         self._close_all()
         self.memo.clear()
+        self.tips.clear()
         if n_ctx is not None:
             self.n_ctx = n_ctx
         for st in self.stats.values():

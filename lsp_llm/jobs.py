@@ -48,7 +48,8 @@ class Latest:
         self.engine = engine
         self._live: dict[Key, Ticket] = {}
 
-    def supersede(self, key: Key, budget_s: float | None) -> Ticket:
+    def supersede(self, key: Key, budget_s: float | None = None) -> Ticket:
+        """A ticket for the newest request; the older one's job stops."""
         ticket = Ticket(None if budget_s is None else time.monotonic() + budget_s)
         old = self._live.get(key)
         if old is not None:

@@ -19,7 +19,7 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
 from . import __version__, lifecycle
-from .completion import Ask, Candidate, answer, next_keystrokes
+from .completion import Ask, Candidate, answer, from_memo, next_keystrokes
 from .config import Settings, apply_log_level
 from .default_model import cache_dir
 from .documents import Document, DocumentError, DocumentStore, Encoding
@@ -181,15 +181,18 @@ class Server(LanguageServer):
         prompt, healed = doc.prompt(offset)
         s = self.settings
         ask = Ask(uri, prompt, healed, start < offset, s.items, s.line_tokens)
+        got = from_memo(self.engine, ask)  # often all known: no engine job, no wait
+        if got is not None:
+            self.latest.supersede((uri, "completion"))
+            self.engine.prepare(uri, "completion", next_keystrokes(self.engine, ask, got))
+            return _items(got.candidates, partial, rng)
         try:
             cands = await self.latest.run((uri, "completion"), lambda ticket: self._answer(ask, ticket),
                                           s.read_budget_ms / 1000)
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
-        return t.CompletionList(is_incomplete=True, items=[
-            _item(i, partial, c, rng) for i, c in enumerate(cands or [])
-        ])
+        return _items(cands or [], partial, rng)
 
     def _answer(self, ask: Ask, ticket: Ticket) -> list[Candidate]:
         """Engine thread: the items, then idle work for the next keystrokes."""
@@ -380,6 +383,10 @@ def _guard(fn: Any) -> None:
 def _pos(doc: Document, offset: int, enc: Encoding) -> t.Position:
     line, ch = doc.position(offset, enc)
     return t.Position(line=line, character=ch)
+
+
+def _items(cands: list[Candidate], partial: str, rng: t.Range) -> t.CompletionList:
+    return t.CompletionList(is_incomplete=True, items=[_item(i, partial, c, rng) for i, c in enumerate(cands)])
 
 
 def _item(rank: int, partial: str, c: Candidate, rng: t.Range) -> t.CompletionItem:

@@ -63,3 +63,19 @@ def test_items_extend_the_typed_word_and_are_deterministic(engine: Engine, tiny:
 def test_line_tokens_zero_means_no_line_item(engine: Engine, tiny: Model) -> None:
     text = "def crab(x):\n    return x + 1\n\nprint("
     assert not any(c.whole_line for c in complete(engine, tiny, text, line_tokens=0))
+
+
+def test_an_answer_from_the_memo_equals_the_engine_s_wherever_the_session_is(engine: Engine, tiny: Model) -> None:
+    from lsp_llm.completion import Ask, answer, from_memo
+
+    vocab = Vocab(lambda b: tiny.tokenize(b, add_bos=False), tiny.piece, tiny.bos)
+    asks = []
+    for text in ("def crab(x):\n    return x + 1\n\nprint(cra", "def crab(x):\n    return x + 1\n\nx = "):
+        doc = Document("u", text, 1, vocab)
+        prompt, healed = doc.prompt()
+        asks.append(Ask("u", prompt, healed, doc.word_start(len(doc.data)) < len(doc.data), 5, 16))
+    assert from_memo(engine, asks[0]) is None  # nothing known yet
+    first = engine.submit(lambda: answer(engine, asks[0])).result()
+    engine.submit(lambda: answer(engine, asks[1])).result()  # the session moves elsewhere
+    quick = from_memo(engine, asks[0])
+    assert quick is not None and quick.candidates == first.candidates and quick.paths == first.paths

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lsp_llm.calibrate import SAMPLE, branches_hold, rule_holds
-from lsp_llm.completion import Ask, answer, next_keystrokes
+from lsp_llm.completion import Ask, answer, from_memo, next_keystrokes
 from lsp_llm.documents import Document, Vocab
 from lsp_llm.engine import Engine
 from lsp_llm.model import Model
@@ -78,11 +78,16 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
                 engine.prepare("u", "completion", next_keystrokes(engine, ask, got))
             return got.candidates
 
+        quick = from_memo(engine, ask) if idle else None  # what the server answers with no job, if it can
         got = engine.submit(job).result()
+        if quick is not None:
+            answered_from_memo.append(1)
+            assert quick.candidates == got, text
         while idle and engine.submit(lambda: bool(engine._plans)).result():
             time.sleep(0.05)
         return got
 
+    answered_from_memo: list[int] = []
     warm, fresh_engine = (Engine(max_sessions=1, n_ctx=2048, n_branches=16, headroom=64) for _ in range(2))
     try:
         for e in (warm, fresh_engine):
@@ -98,6 +103,7 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
                 assert got == items(fresh_engine, text), typed[:i]
         assert steps_from_memo > 0
         assert warm.memo.prepared_used > 0 and warm.idle_rows_total > 0  # idle work was done, and used
+        assert answered_from_memo  # some keystrokes needed no engine job at all
     finally:
         warm.stop()
         fresh_engine.stop()
