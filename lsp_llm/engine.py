@@ -274,6 +274,11 @@ class Engine:
         """The target as a session holds it (windowed to the context)."""
         return window(target, self.n_ctx, self.headroom, bool(self.model.add_bos))[0]
 
+    def preparing(self) -> bool:
+        """Whether idle work is left (any thread)."""
+        with self._cond:
+            return any(plan.next() is not None for plan in self._plans.values())
+
     @property
     def jobs_waiting(self) -> bool:
         """Whether a job waits behind the running one (a job that can answer

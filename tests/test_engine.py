@@ -21,7 +21,9 @@ TEXT = b"def crab(x):\n    return x + 1\n\n" * 40
 def wait_idle(e: Engine, timeout: float = 30) -> None:
     end = time.time() + timeout
     while time.time() < end:
-        if e.submit(lambda: e._next_sync() is None and not e._plans).result():
+        with e._cond:  # (polling with jobs would preempt the idle work it waits for)
+            busy = e._next_sync() is not None or e.preparing()
+        if not busy and e.submit(lambda: e._next_sync() is None and not e.preparing()).result():
             return
         time.sleep(0.01)
     raise AssertionError("engine never went idle")
