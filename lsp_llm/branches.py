@@ -40,6 +40,9 @@ from .model import BatchRule, best_tokens, logits_view
 from .session import DOC_SEQ, Cancelled, Session, ShouldStop
 
 Row = tuple[int, int, int, bool]  # (branch, index in the branch, token, wants logits)
+# (branch i, every item's text so far, branch i's tokens): may branch i stop
+# here if no other item needs a call?
+Rides = Callable[[int, Sequence[bytes], int], bool]
 
 
 @dataclass(frozen=True)
@@ -118,19 +121,24 @@ def drop_branch(session: Session, i: int) -> None:
 
 def walk_memo(
     model: Any, memo: GreedyMemo, prefix: Any, firsts: Sequence[int], done: Callable[[int, bytes], bool],
-    limits: Sequence[int],
+    limits: Sequence[int], rides: Rides | None = None,
 ) -> list[list[int]] | None:
     """Each branch as ``extend`` would grow it, taken from the memo alone;
-    None if some item needs a step the memo does not know."""
-    out = []
+    None if some item needs a step the memo does not know (a branch that
+    ``rides`` stops where the memo's knowledge ends)."""
+    out: list[list[int]] = []
+    texts = [model.piece(t) for t in firsts]
     for i, (first, limit) in enumerate(zip(firsts, limits)):
-        toks, text = [first], model.piece(first)
+        toks, text = [first], texts[i]
         while not (model.is_eog(toks[-1]) or done(i, text) or len(toks) >= limit):
             tok = memo.get(GreedyMemo.key(prefix, toks), use=True)
+            if tok is None and rides is not None and rides(i, texts, len(toks)):
+                break
             if tok is None:
                 return None
             toks.append(tok)
             text += model.piece(tok)
+            texts[i] = text
         out.append(toks)
     return out
 
@@ -176,6 +184,7 @@ def extend(
     drafts: bool = True,
     spare: Spare | None = None,
     call_rows: int | None = None,
+    rides: Rides | None = None,
 ) -> tuple[list[list[int]], int]:
     """Greedily extend each first token in its own branch until
     ``done(i, text)`` or branch i has max_tokens[i] tokens.
@@ -185,7 +194,9 @@ def extend(
     and finished branches going on to ``spare.done``. Spare work never adds a
     decode call and never changes an item; it only fills the memo.
     ``call_rows`` caps the rows of one call (idle work keeps its calls short:
-    a request that arrives waits for the one running).
+    a request that arrives waits for the one running). A branch that
+    ``rides`` grows only in calls that another item needs and through the
+    memo; it may come back unfinished (short of ``done`` and its limit).
 
     Returns each branch's tokens and the number of rows decoded.
     """
@@ -251,7 +262,8 @@ def extend(
                     while growing(i) and (tok := memo.get(GreedyMemo.key(prefix, branches[i].tokens))) is not None:
                         grow(i, tok)
             need = [i for i in range(len(branches)) if branches[i].item is None]  # items to finish
-            if not need:
+            texts = [br.text for br in branches[:k]]
+            if not need or (rides is not None and all(rides(i, texts, len(branches[i].tokens)) for i in need)):
                 break
             if should_stop is not None and should_stop():
                 raise Cancelled()
@@ -307,4 +319,4 @@ def extend(
     for i, br in enumerate(branches):
         if br.in_kv:  # only decoded branches hold cells
             drop_branch(session, i)
-    return [br.tokens[: br.item] for br in branches[:k]], decoded
+    return [br.tokens[: br.item] for br in branches[:k]], decoded  # (a branch that rides may be unfinished)

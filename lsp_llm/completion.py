@@ -10,19 +10,20 @@ always gives the same candidates.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .branches import Spare, extend, item_limits, walk_memo
+from .branches import Rides, Spare, extend, item_limits, walk_memo
 from .engine import DocStats, Engine, IdleTask
 from .greedy import GreedyMemo
 from .session import Session, ShouldStop
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word
 SPARE_FIRSTS = 8  # first tokens beyond the items that free rows extend
+QUICK_ITEMS = 1  # a quick ask waits for this many word items; the others ride along
 IDLE_CALL_ROWS = 8  # idle calls are short (~50 ms): a request waits for the one running
 
 
@@ -92,6 +93,7 @@ class Ask:
     mid_word: bool
     items: int
     line_tokens: int
+    quick: bool = False  # the line item only if the word items' calls and the memo finish it
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Answer:
     candidates: list[Candidate]
     paths: list[list[int]]  # each item's tokens (path 0: the likeliest, on to the end of the line)
     words: list[int]  # how many tokens of each path its word item takes
+    complete: bool = True  # False: a quick ask left some item out (idle work finishes it)
 
 
 def candidates(
@@ -129,6 +132,7 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
     if choice is None:
         return Answer([], [], [])
     done, limits = _stops(ask, len(choice.firsts))
+    limits = item_limits(limits, session.n_ctx - len(session.tokens), session.rule)  # (as ``extend`` caps them)
     hits0 = engine.memo.hits
     # free batch rows extend the next likely first tokens, and every branch
     # to the end of the line, for the keystrokes to come
@@ -137,9 +141,9 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
                   max(ask.line_tokens, WORD_TOKENS), alone=engine.memo.preparing)
     call_rows = IDLE_CALL_ROWS if engine.memo.preparing else None
     branches, generated = extend(session, choice.firsts, done, limits, should_stop, engine.exact_memo,
-                                 spare=spare, call_rows=call_rows)
+                                 spare=spare, call_rows=call_rows, rides=_rides(ask))
     t2 = time.perf_counter()
-    got = _build(engine.model, branches, choice, ask)
+    got = _build(engine.model, branches, choice, ask, _finished(engine.model, branches, done, limits))
     if not engine.memo.preparing:  # idle work is not a request
         _record(engine.stats.setdefault(ask.uri, DocStats()), generated, engine.memo.hits - hits0,
                 t0, t1, t2, Session.decode_seconds - decode0)
@@ -165,10 +169,10 @@ def from_memo(engine: Engine, ask: Ask) -> Answer | None:
         return None
     done, limits = _stops(ask, len(choice.firsts))
     limits = item_limits(limits, engine.n_ctx - len(fitted), model.batch_rule)  # as ``extend`` caps them
-    branches = walk_memo(model, memo, prefix, choice.firsts, done, limits)
+    branches = walk_memo(model, memo, prefix, choice.firsts, done, limits, _rides(ask))
     if branches is None:
         return None
-    got = _build(model, branches, choice, ask)
+    got = _build(model, branches, choice, ask, _finished(model, branches, done, limits))
     _record(engine.stats.setdefault(ask.uri, DocStats()), 0, sum(len(b) - 1 for b in branches), t0, t0,
             time.perf_counter(), 0.0)
     return got
@@ -212,8 +216,42 @@ def _stops(ask: Ask, k: int) -> tuple[Callable[[int, bytes], bool], list[int]]:
     return done, limits
 
 
-def _build(model: Any, branches: list[list[int]], choice: _Choice, ask: Ask) -> Answer:
-    """Items from the grown branches: distinct by what they show."""
+def _rides(ask: Ask) -> Rides | None:
+    """In a quick ask only the first ``QUICK_ITEMS`` word items are waited
+    for, and then those up to the first that shows something (after ``pri``
+    the likeliest may be ``pri`` itself: an empty item). The others, and the
+    likeliest branch past its word to the end of the line, grow only in the
+    calls those need, and through the memo: a request pays for the likeliest
+    words; idle work finishes the rest."""
+    if not ask.quick:
+        return None
+    skip = len(ask.healed)
+
+    def word(text: bytes) -> bytes | None:
+        cut = word_end(text[skip:], ask.mid_word)
+        return None if cut is None else text[skip:][:cut]
+
+    def rides(i: int, texts: Sequence[bytes], n_tokens: int) -> bool:
+        if i == 0:
+            return ask.line_tokens > 0 and (n_tokens >= WORD_TOKENS or word(texts[0]) is not None)
+        return i >= QUICK_ITEMS and any((word(texts[j]) or b"").strip() for j in range(i))
+
+    return rides
+
+
+def _finished(model: Any, branches: list[list[int]], done: Callable[[int, bytes], bool],
+              limits: list[int]) -> list[bool]:
+    """Which branches reached their item's end (a quick ask may leave some short)."""
+    def end(i: int, toks: list[int]) -> bool:
+        return model.is_eog(toks[-1]) or done(i, b"".join(map(model.piece, toks))) or len(toks) >= limits[i]
+
+    return [end(i, toks) for i, toks in enumerate(branches)]
+
+
+def _build(model: Any, branches: list[list[int]], choice: _Choice, ask: Ask,
+           finished: list[bool] | None = None) -> Answer:
+    """Items from the grown branches, distinct by what they show, leaving
+    out those a quick ask did not finish (branch 0's word always is)."""
     skip = len(ask.healed)
     lines = ask.line_tokens > 0
     out: list[Candidate] = []
@@ -228,13 +266,16 @@ def _build(model: Any, branches: list[list[int]], choice: _Choice, ask: Ask) -> 
     for i, toks in enumerate(branches):
         rest = b"".join(model.piece(t) for t in toks if not model.is_eog(t))[skip:]
         p = choice.p_first[toks[0]]
-        if i == 0 and lines:
+        done = finished is None or finished[i]
+        if i == 0 and lines and done:
             cut = line_end(rest)
             add(_decode(rest[:cut] if cut is not None else rest).rstrip(), p, whole_line=True)
-        cut = word_end(rest, ask.mid_word)
-        add(_decode(rest[:cut] if cut is not None else rest), p)
-        words.append(_tokens_within(model, toks, skip + (len(rest) if cut is None else cut)))
-    return Answer(out, branches, words)
+        head = b"".join(model.piece(t) for t in toks[:WORD_TOKENS] if not model.is_eog(t))[skip:]
+        cut = word_end(head, ask.mid_word)  # a word item has at most WORD_TOKENS tokens
+        if done or i == 0:
+            add(_decode(head[:cut] if cut is not None else head), p)
+        words.append(_tokens_within(model, toks, skip + (len(head) if cut is None else cut)))
+    return Answer(out, branches, words, finished is None or all(finished))
 
 
 def _tokens_within(model: Any, toks: list[int], size: int) -> int:
@@ -269,14 +310,17 @@ DEPTH = 2  # words of the likeliest line prepared ahead
 def next_keystrokes(engine: Engine, ask: Ask, got: Answer) -> list[IdleTask]:
     """Idle tasks that prepare the likeliest next completions, most likely
     first: the next character of the top items (same prompt, longer healed
-    text), then finishing the likeliest word and going on along its line
-    (the prompt grows by the word; healed: the first character after it)."""
+    text), then the items a quick answer left out, then finishing
+    the likeliest word and going on along its line (the prompt grows by the
+    word; healed: the first character after it)."""
     tasks: list[IdleTask] = []
     model = engine.model
     words = [c for c in got.candidates if not c.whole_line][:NEXT_CHARS]
     for nxt in dict.fromkeys(c.text[:1].encode() for c in words):
         if nxt and _is_ident(nxt[0]):
             tasks.append(_task(engine, replace(ask, healed=ask.healed + nxt, mid_word=True)))
+    if not got.complete:
+        tasks.append(_task(engine, replace(ask, quick=False)))  # the line, for the keystrokes along it
     if got.paths:
         path, prompt = got.paths[0], ask.prompt
         cut = got.words[0]

@@ -26,6 +26,7 @@ class Settings:
     max_sessions: int = 4  # live llama.cpp contexts (LRU)
     items: int = 5  # word items per completion
     line_tokens: int = 12  # max tokens of the to-end-of-line item
+    wait_for: str = "top"  # "top": a request waits for the likeliest word item only; "all": every item
     read_budget_ms: int = 1000  # a request waits this long for a long read, then answers empty (isIncomplete)
     saved_mb: int = 256  # host memory for the KV state of documents beyond maxSessions
     inline: bool = True  # ghost text (textDocument/inlineCompletion)
@@ -100,6 +101,15 @@ def _strings(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _one_of(*choices: str):
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {v!r}")
+        return v
+
+    return check
+
+
 def _log_level(v: Any) -> str:
     if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {v!r}")
@@ -113,6 +123,7 @@ _VALIDATORS = {
     "max_sessions": _int_in(1, 64),
     "items": _int_in(1, 16),
     "line_tokens": _int_in(0, 256),
+    "wait_for": _one_of("top", "all"),
     "read_budget_ms": _int_in(0, 600000),
     "saved_mb": _int_in(0, 1 << 16),
     "inline": _bool,

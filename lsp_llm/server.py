@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 STATS_COMMAND = "lsp-llm.stats"
 DOCUMENT_COMMAND = "lsp-llm.document"
-SHUTDOWN_WAIT_S = 0.9  # shutdown answers within a second even if the engine is busy
+SHUTDOWN_WAIT_S = 0.9  # at exit, how long the engine thread gets to wind down
 TRIGGERS = [".", "(", "[", ",", " ", "="]
 _DROPPED = object()  # a message answered with an error while parsing it
 
@@ -88,6 +88,8 @@ class Protocol(LanguageServerProtocol):
             self._send_response(message.id, None,
                                 JsonRpcInvalidRequest("the server is shutting down").to_response_error())
             return
+        if getattr(message, "method", None) == t.EXIT:  # the engine's work was cancelled at shutdown
+            self._server.engine.stop(SHUTDOWN_WAIT_S)
         super().handle_message(message)
 
 
@@ -180,7 +182,7 @@ class Server(LanguageServer):
         partial = doc.data[start:offset].decode("utf-8", "replace")
         prompt, healed = doc.prompt(offset)
         s = self.settings
-        ask = Ask(uri, prompt, healed, start < offset, s.items, s.line_tokens)
+        ask = Ask(uri, prompt, healed, start < offset, s.items, s.line_tokens, quick=s.wait_for == "top")
         got = from_memo(self.engine, ask)  # often all known: no engine job, no wait
         if got is not None:
             self.latest.supersede((uri, "completion"))
@@ -365,9 +367,10 @@ def build(settings: Settings) -> Server:
         return ls.store.mirror(uri, ls.encoding).as_dict()
 
     @server.feature(t.SHUTDOWN)
-    async def shutdown(ls: Server, *args: Any) -> None:
-        # the running job stops at its next decode boundary; the loop goes on meanwhile
-        await asyncio.to_thread(ls.engine.stop, SHUTDOWN_WAIT_S)
+    def shutdown(ls: Server, *args: Any) -> None:
+        # answered at once: the running job stops at its next decode boundary,
+        # queued ones fail; `exit` waits a moment for the engine thread
+        ls.engine.stop(0)
 
     return server
 

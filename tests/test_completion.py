@@ -79,3 +79,45 @@ def test_an_answer_from_the_memo_equals_the_engine_s_wherever_the_session_is(eng
     engine.submit(lambda: answer(engine, asks[1])).result()  # the session moves elsewhere
     quick = from_memo(engine, asks[0])
     assert quick is not None and quick.candidates == first.candidates and quick.paths == first.paths
+
+
+def test_a_quick_answer_shows_only_finished_items_and_idle_work_completes_it(tiny: Model) -> None:
+    """A quick ask (the server's default, ``waitFor: top``) waits for the
+    first word item that shows something; the items it shows are the full
+    answer's, in order; once the full ask ran, the quick one is complete."""
+    from dataclasses import replace
+
+    from lsp_llm.completion import Answer, Ask, answer, from_memo
+
+    def run(e: Engine, ask: Ask) -> Answer:
+        return e.submit(lambda: answer(e, ask)).result()
+
+    vocab = Vocab(lambda b: tiny.tokenize(b, add_bos=False), tiny.piece, tiny.bos)
+    saved = 0
+    for text in ("def crab(x):\n    return x + 1\n\nprint(cra", "def crab(x):\n    return x + 1\n\nx = ",
+                 "def crab(x):\n    return x + 1\n\ndef ", "import os\n\nos.pa"):
+        doc = Document("u", text, 1, vocab)
+        prompt, healed = doc.prompt()
+        full = Ask("u", prompt, healed, doc.word_start(len(doc.data)) < len(doc.data), 5, 16)
+        quick = replace(full, quick=True)
+        engines = [Engine(max_sessions=1, n_ctx=512, n_branches=16, headroom=64) for _ in range(2)]
+        try:
+            for e in engines:
+                e.submit(lambda e=e: e.set_model(tiny)).result()
+            want = run(engines[0], full)
+            e = engines[1]
+            got = run(e, quick)
+            saved += engines[0].stats["u"].generated_last - e.stats["u"].generated_last
+            shown = iter((c.text, c.probability) for c in want.candidates)  # (a word item may equal the line)
+            assert all((c.text, c.probability) in shown for c in got.candidates), \
+                f"{got.candidates}\n{want.candidates}"  # in order
+            assert got.candidates and got.complete == (got.candidates == want.candidates)
+            assert from_memo(e, quick) in (None, got)
+            run(e, full)  # what idle work does for an incomplete answer
+            again = run(e, quick)
+            assert again.candidates == want.candidates and again.complete
+            assert e.stats["u"].generated_last == 0  # all from the memo
+        finally:
+            for e in engines:
+                e.stop()
+    assert saved > 0  # quick answers decoded fewer rows

@@ -52,7 +52,7 @@ async def test_a_burst_of_requests_is_answered_by_the_newest(client: LanguageCli
     burst = [request(client, uri, line - 1 - i % 3, 4) for i in range(6)]
     answers = await asyncio.wait_for(asyncio.gather(*burst), 60)
     assert all(a.is_incomplete for a in answers)  # every request is answered
-    assert answers[-1].items  # the newest gets items
+    assert answers[-1].items, answers  # the newest gets items
     superseded = [a for a in answers[:-1] if not a.items]
     assert len(superseded) >= 3, [len(a.items) for a in answers]
     # the engine computed items for few of them: the others never ran

@@ -65,7 +65,8 @@ async def stats(client: LanguageClient, *args: object) -> dict:
 
 @pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER), params=["visual-studio-code", "neovim", "emacs"])
 async def preset(lsp_client: LanguageClient, request: pytest.FixtureRequest):
-    await lsp_client.initialize_session(t.InitializeParams(capabilities=client_capabilities(request.param)))
+    await lsp_client.initialize_session(t.InitializeParams(capabilities=client_capabilities(request.param),
+                                                            initialization_options={"waitFor": "all"}))  # every item
     yield
     await lsp_client.shutdown_session()
 
