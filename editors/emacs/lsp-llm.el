@@ -74,8 +74,13 @@ other server is registered, or through \\[lsp-llm-eglot]."
   :type '(choice (const :tag "Default" nil) integer))
 
 (defcustom lsp-llm-line-tokens nil
-  "Maximum tokens of the complete-to-end-of-line item (server default 24)."
+  "Maximum tokens of the complete-to-end-of-line item (server default 12)."
   :type '(choice (const :tag "Default" nil) integer))
+
+(defcustom lsp-llm-wait-for nil
+  "\"top\": a request waits for the likeliest word item only (server default);
+\"all\": every item, every time."
+  :type '(choice (const :tag "Default" nil) (const "top") (const "all")))
 
 (defcustom lsp-llm-log-level nil
   "Server log level: \"debug\", \"info\", \"warning\" or \"error\"."
@@ -99,6 +104,7 @@ Settings left at nil (server default) are left out."
                     (:maxSessions . ,lsp-llm-max-sessions)
                     (:items . ,lsp-llm-items)
                     (:lineTokens . ,lsp-llm-line-tokens)
+                    (:waitFor . ,lsp-llm-wait-for)
                     (:logLevel . ,lsp-llm-log-level)))
       (when (cdr pair)
         (setq plist (append plist (list (car pair)

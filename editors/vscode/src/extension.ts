@@ -14,7 +14,7 @@ import {
 
 const SECTION = 'lsp-llm';
 /** Settings forwarded to the server (the rest are for the extension itself). */
-const SERVER_KEYS = ['model', 'nCtx', 'threads', 'maxSessions', 'items', 'lineTokens', 'logLevel'] as const;
+const SERVER_KEYS = ['model', 'nCtx', 'threads', 'maxSessions', 'items', 'lineTokens', 'waitFor', 'logLevel'] as const;
 /** Settings that need a new server process when they change. */
 const RESTART_KEYS = ['serverCommand', 'serverArgs'];
 
