@@ -57,6 +57,8 @@ async def run(args: argparse.Namespace) -> int:
         await client.initialize_async(t.InitializeParams(
             capabilities=t.ClientCapabilities(general=t.GeneralClientCapabilities(
                 position_encodings=[t.PositionEncodingKind.Utf16])),
+            # the cold completion waits for the whole read (a server answers empty after 1 s by default)
+            initialization_options={"readBudgetMs": 600000},
             process_id=None, root_uri=path.parent.as_uri()))
         client.initialized(t.InitializedParams())
         client.text_document_did_open(t.DidOpenTextDocumentParams(

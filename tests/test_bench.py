@@ -131,8 +131,8 @@ def test_bench_smoke_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) ->
     out = tmp_path / "bench"
     rc = bench_main([
         "--model", str(tiny_model_path), "--engines", "lsp-llm,naive,floor", "--out", str(out),
-        "--doc-tokens", "300", "--keystrokes", "12", "--sizes", "300", "--sweep-keystrokes", "6",
-        "--naive-samples", "2", "--n-ctx", "1024", "--timeout", "240",
+        "--pace", "back-to-back", "--doc-tokens", "300", "--keystrokes", "12", "--sizes", "300",
+        "--sweep-keystrokes", "6", "--naive-samples", "2", "--n-ctx", "1024", "--timeout", "240",
     ])
     results = json.loads((out / "results.json").read_text())
     bad = [(r["engine"], r["trace"], r.get("reason")) for r in results["runs"] if r["status"] != "ok"]

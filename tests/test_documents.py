@@ -101,5 +101,5 @@ def test_a_request_moves_the_cursor_that_the_background_prepares(vocab: Vocab) -
     store.move_cursor("u", 5)
     assert doc.cursor == 5 and sink.updates[-1][1] == doc.prompt(5)[0]
     n = len(sink.updates)
-    store.move_cursor("u", 5)  # already there: nothing to tell
-    assert len(sink.updates) == n
+    store.move_cursor("u", 5)  # already there: the same prompt again (it only puts the document in focus)
+    assert len(sink.updates) == n + 1 and sink.updates[-1] == sink.updates[-2]

@@ -175,7 +175,7 @@ async def read(server: StdioServer, uri: str, line: int, tokens: int) -> None:
 async def test_a_failed_reload_keeps_the_old_model_serving(tiny_model_path: Path) -> None:
     server = StdioServer(server_command(str(tiny_model_path)))
     try:
-        await server.start(CAPS)
+        await server.start(CAPS, {"waitFor": "all"})  # the same list every time
         uri = "file:///tmp/keep.py"
         opened(server, uri, "def crab(x):\n    return x + 1\n\ndef walk(crab):\n    ret")
         before = await items_eventually(server, uri, 4, 7)
