@@ -143,7 +143,8 @@ def test_bench_smoke_on_the_tiny_model(tiny_model_path: Path, tmp_path: Path) ->
     for r in results["runs"]:
         want = 2 if r["engine"] == "naive" else r["of_keys"]
         assert len(r["keys"]) == want
-        assert all(k["latency_s"] > 0 and k["tokens"] >= 1 for k in r["keys"])
+        decodes = r["engine"] != "lsp-llm"  # lsp-llm answers some keystrokes from the memo: no token at all
+        assert all(k["latency_s"] > 0 and k["tokens"] >= decodes for k in r["keys"])
         assert r["peak_rss"] > 0 and r["cpu_s"] > 0
     ours = next(r for r in results["runs"] if r["engine"] == "lsp-llm" and r["trace"] == "3 files")
     assert all(k["items"] is not None and k["generate_ms"] is not None for k in ours["keys"])
