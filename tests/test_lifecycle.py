@@ -211,9 +211,10 @@ async def test_every_progress_begin_gets_an_end_when_the_client_answers_late(tin
         for i in range(3):  # each read is long enough to report progress
             opened(server, f"file:///tmp/long{i}.py", text)
             await read(server, f"file:///tmp/long{i}.py", text.count("\n"), PROGRESS_MIN_TOKENS)
-        for _ in range(100):  # the late answers arrive, and the reads still going on end
+        rec = server.recorded
+        for _ in range(100):  # the late answers arrive (then each begin), and the reads still going on end
             await asyncio.sleep(0.1)
-            if not server.recorded.unended():
+            if set(rec.created) <= set(rec.progress) and not rec.unended():
                 break
         titles = [vs[0].title for vs in server.recorded.progress.values() if vs]
         assert sum("reading" in title for title in titles) >= 3, titles
