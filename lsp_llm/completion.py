@@ -152,9 +152,10 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
 
 def from_memo(engine: Engine, ask: Ask) -> Answer | None:
     """The same answer as ``answer``, if the logits after the prompt are
-    remembered (``Engine.tips``) and the memo knows every step of every item:
-    no decode, no engine job, wherever the session is. Any thread. None when
-    something is missing."""
+    remembered (``Engine.tips``) and the memo knows every step of every item
+    the ask waits for (all, or a quick ask's required ones: the others come
+    as far as the memo knows them, as in ``answer``): no decode, no engine
+    job, wherever the session is. Any thread. None when something is missing."""
     memo, model = engine.exact_memo, engine.model
     if memo is None or not ask.prompt:
         return None
