@@ -67,13 +67,14 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
     vocab = Vocab(lambda b: gemma.tokenize(b, add_bos=False), gemma.piece, gemma.bos,
                   lambda b: len(gemma.tokens_starting_with(b)) > 0)
 
-    def items(engine: Engine, text: str, idle: bool = False) -> list:
+    def items(engine: Engine, text: str, idle: bool = False, quick: bool | None = None) -> list:
         """The items at the end of text; with idle, a quick ask, and the
         engine then prepares the next keystrokes (as the server does) before
         this returns."""
         doc = Document("u", text, 1, vocab)
         prompt, healed = doc.prompt()
-        ask = Ask("u", prompt, healed, doc.word_start(len(doc.data)) < len(doc.data), 5, 12, quick=idle)
+        ask = Ask("u", prompt, healed, doc.word_start(len(doc.data)) < len(doc.data), 5, 12,
+                  quick=idle if quick is None else quick)
 
         def job() -> list:
             got = answer(engine, ask)
@@ -104,8 +105,11 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
             steps_from_memo += warm.stats["u"].memo_steps_last
             fresh_engine.memo.clear()
             fresh_engine.submit(lambda: fresh_engine._drop("u")).result()
-            want = iter((c.text, c.probability) for c in items(fresh_engine, text))
+            fresh = items(fresh_engine, text)
+            want = iter((c.text, c.probability) for c in fresh)
             assert got and all((c.text, c.probability) in want for c in got), typed[:i]  # in order
+            if i in (3, 7, len(typed)):  # inside a word, after a space, at the end: waitFor all
+                assert items(warm, text, quick=False) == fresh, typed[:i]
         assert steps_from_memo > 0
         assert warm.memo.prepared_used > 0 and warm.idle_rows_total > 0  # idle work was done, and used
         assert answered_from_memo  # some keystrokes needed no engine job at all
