@@ -168,6 +168,12 @@ class Branch:
     in_kv: int = 0  # how many of its tokens its sequence holds
 
 
+def _all_ride(rides: Rides, items: list[Branch], need: list[int]) -> bool:
+    """Whether every item still growing may stop here."""
+    texts = [br.text for br in items]
+    return all(rides(i, texts, len(items[i].tokens)) for i in need)
+
+
 def _pending(i: int, br: Branch) -> list[Row]:
     """Rows for the tokens of branch i that its sequence does not hold yet."""
     last = len(br.tokens) - 1
@@ -262,8 +268,7 @@ def extend(
                     while growing(i) and (tok := memo.get(GreedyMemo.key(prefix, branches[i].tokens))) is not None:
                         grow(i, tok)
             need = [i for i in range(len(branches)) if branches[i].item is None]  # items to finish
-            texts = [br.text for br in branches[:k]]
-            if not need or (rides is not None and all(rides(i, texts, len(branches[i].tokens)) for i in need)):
+            if not need or (rides is not None and _all_ride(rides, branches[:k], need)):
                 break
             if should_stop is not None and should_stop():
                 raise Cancelled()

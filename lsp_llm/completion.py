@@ -93,7 +93,7 @@ class Ask:
     mid_word: bool
     items: int
     line_tokens: int
-    quick: bool = False  # the line item only if the word items' calls and the memo finish it
+    quick: bool = False  # wait for the likeliest word item only; the others ride (see ``_rides``)
 
 
 @dataclass(frozen=True)
@@ -265,13 +265,14 @@ def _build(model: Any, branches: list[list[int]], choice: _Choice, ask: Ask,
             out.append(Candidate(text, p, whole_line))
 
     for i, toks in enumerate(branches):
-        rest = b"".join(model.piece(t) for t in toks if not model.is_eog(t))[skip:]
+        pieces = [model.piece(t) for t in toks if not model.is_eog(t)]
+        rest = b"".join(pieces)[skip:]
         p = choice.p_first[toks[0]]
         done = finished is None or finished[i]
         if i == 0 and lines and done:
             cut = line_end(rest)
             add(_decode(rest[:cut] if cut is not None else rest).rstrip(), p, whole_line=True)
-        head = b"".join(model.piece(t) for t in toks[:WORD_TOKENS] if not model.is_eog(t))[skip:]
+        head = b"".join(pieces[:WORD_TOKENS])[skip:]
         cut = word_end(head, ask.mid_word)  # a word item has at most WORD_TOKENS tokens
         if done or i == 0:
             add(_decode(head[:cut] if cut is not None else head), p)
