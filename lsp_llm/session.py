@@ -107,6 +107,8 @@ class Session:
         # logits after tokens[:n], for a few n (BOS, recent tips): syncing
         # back to such a prefix (a backspace, a guess that missed) is free
         self._logits_at: dict[int, np.ndarray] = {}
+        # the shortest prefix the cells can be rewound to exactly (see ``restore``)
+        self.floor = 0
 
     @property
     def rule(self) -> BatchRule:
@@ -134,6 +136,7 @@ class Session:
         self.tokens = []
         self.logits = None
         self._logits_at = {}
+        self.floor = 0
 
     def save(self) -> SavedState:
         """The document sequence as host memory (see ``SavedState``)."""
@@ -145,7 +148,13 @@ class Session:
 
     def restore(self, state: SavedState) -> bool:
         """Hold a saved sequence again (the context is cleared first, so its
-        cells are laid out from 0 as in a fresh run)."""
+        cells are laid out from 0 as in a fresh run).
+
+        llama.cpp saves a sequence without the cells its sliding-window
+        layers no longer attend to: a token fed after position L - 1 would
+        need them. So a restored sequence of L tokens, longer than the
+        window, can go on from its tip or one token back, and a deeper
+        rewind reads it again from the start (``floor``)."""
         self.reset()
         if not state.tokens:
             return True
@@ -153,11 +162,19 @@ class Session:
             self.reset()
             return False
         self.tokens = list(state.tokens)
+        window = self.model.n_swa
+        self.floor = len(self.tokens) - 1 if 0 < window < len(self.tokens) else 0
         self._logits_at = dict(state.logits_at)
         self.logits = self._logits_at.get(len(self.tokens))
         return True
 
     # -- the document sequence ---------------------------------------------
+    def reusable(self, target: Sequence[int]) -> int:
+        """How many tokens of target the session keeps: the common prefix,
+        or none below the floor (the sequence is then read again)."""
+        keep = common_prefix(self.tokens, target)
+        return keep if keep >= self.floor else 0
+
     def sync(
         self,
         target: Sequence[int],
@@ -171,6 +188,8 @@ class Session:
             raise ValueError("a session needs at least one token")
         if len(target) > self.n_ctx:
             raise ValueError(f"{len(target)} tokens do not fit a context of {self.n_ctx}")
+        if self.reusable(target) == 0:
+            self.reset()  # (also below the floor)
         bos = self.model.bos if self.model.add_bos else None
         fed_bos = 0
         if bos is not None and target[0] == bos and not self.tokens:

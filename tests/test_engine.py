@@ -82,7 +82,15 @@ def test_lru_eviction_saves_and_restores_exactly(engine: Engine, tiny: Model) ->
     fresh = Session(tiny, 1024, 1)
     fresh.sync(more)
     assert np.array_equal(s.logits, fresh.logits)
+    # an edit deeper than the sliding window after a restore reads the document again, exactly
+    edited = more[:20] + tiny.tokenize(b"crab", False) + more[20:]
+    fed = engine.stats["a"].fed_total
+    s = engine.submit(lambda: engine.sync("a", edited)).result()
+    assert engine.stats["a"].fed_total - fed == len(edited)
+    fresh.sync(edited)
+    assert np.array_equal(s.logits, fresh.logits)
     fresh.close()
+    more = edited
     # switching between live documents re-evaluates nothing
     before = {u: engine.stats[u].fed_total for u in "ca"}
     for u in "cacaca":

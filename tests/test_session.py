@@ -174,3 +174,24 @@ def test_an_interrupted_call_leaves_no_cells_and_the_session_exact(tiny: Model) 
     finally:
         Session.interrupt = None
         s.close()
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 5, tiny_model.SLIDING_WINDOW + 3, 100])
+def test_a_restored_session_rewinds_exactly(tiny: Model, depth: int) -> None:
+    """llama.cpp saves a sequence without the cells its sliding-window
+    layers no longer attend to; a rewind of two tokens or more needs them.
+    The restored session must notice and read again rather than go wrong."""
+    doc = tiny.tokenize(BASE.encode(), True)
+    tail = tiny.tokenize(b"crab.x = walk(crab, 3)\n", False)
+    s, back = Session(tiny, n_ctx=1024, n_branches=2), Session(tiny, n_ctx=1024, n_branches=2)
+    try:
+        s.sync(doc)
+        assert back.restore(s.save()) and back.tokens == doc
+        target = doc[: len(doc) - depth] + tail
+        back.sync(target)
+        assert np.array_equal(back.logits, fresh_logits(tiny, target))
+        back.sync(doc[:40] + tail)  # and deeper still, from there
+        assert np.array_equal(back.logits, fresh_logits(tiny, doc[:40] + tail))
+    finally:
+        s.close()
+        back.close()
