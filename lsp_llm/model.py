@@ -148,7 +148,9 @@ class Model:
         buf = ctypes.create_string_buffer(256)
         llama.llama_model_desc(self._model, buf, len(buf))
         self.description = buf.value.decode("utf-8", "replace")
-        self._pieces: dict[int, bytes] = {}
+        # a token's bytes, filled as tokens are met (a list: with a 262k
+        # vocabulary a dict of int keys costs twice the memory)
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._sorted: tuple[list[bytes], np.ndarray] | None = None
         self.batch_rule = BatchRule(4, 8)
 
@@ -170,7 +172,9 @@ class Model:
 
     def piece(self, token: int) -> bytes:
         """The exact bytes a token stands for (empty for control tokens)."""
-        cached = self._pieces.get(token)
+        if not 0 <= token < self.n_vocab:
+            raise ValueError(f"token {token} is not in the vocabulary ({self.n_vocab} tokens)")
+        cached = self._pieces[token]
         if cached is None:
             buf = ctypes.create_string_buffer(64)
             n = llama.llama_token_to_piece(self._live_vocab(), token, buf, len(buf), 0, False)
