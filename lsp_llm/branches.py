@@ -214,9 +214,10 @@ def extend(
         if k > session.n_branches:
             raise ValueError(f"at most {session.n_branches} branches")
     n = len(session.tokens)
-    room = session.n_ctx - n - 1
-    spare_limit = min(spare.max_tokens, room) if spare is not None else 0
     limits = item_limits(max_tokens, session.n_ctx - n, session.rule)
+    session.make_room(n + sum(limits) + session.rule.padded(1) + 1)  # the items always fit
+    room = session.cells - n - 1
+    spare_limit = min(spare.max_tokens, room) if spare is not None else 0
     branches = [Branch([t], model.piece(t), m, None) for t, m in zip(firsts, limits)]
     branches += [Branch([t], model.piece(t), spare_limit, 0) for t in extra]
     prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
@@ -250,7 +251,7 @@ def extend(
 
     def fits(rows: int) -> bool:
         """Whether the context has free cells for rows more rows (with padding)."""
-        return n + sum(br.in_kv for br in branches) + session.rule.padded(rows) < session.n_ctx
+        return n + sum(br.in_kv for br in branches) + session.rule.padded(rows) < session.cells
 
     def give_way(need: list[int]) -> None:
         """Free the cells of every branch but the items still growing, and

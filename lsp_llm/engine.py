@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .greedy import GreedyMemo, Tips
-from .session import Cancelled, SavedState, Session, ShouldStop, SyncResult
+from .session import Cancelled, SavedState, Session, ShouldStop, SyncResult, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -485,8 +485,9 @@ class Engine:
         fitted, start = window(target, self.n_ctx, self.headroom, has_bos)
         s = self.session(uri)
         st = self.stats.setdefault(uri, DocStats())
+        s.expected = min(st.tokens, self.n_ctx - self.headroom)  # (a context fits the document)
         progress = None
-        todo = len(fitted) - s.reusable(fitted)  # tokens to feed again
+        todo = len(fitted) - common_prefix(s.tokens, fitted)  # tokens to feed again
         if deadline is not None and todo >= PROGRESS_MIN_TOKENS:
             should_stop = _until(deadline, should_stop)
         if self.on_progress is not None and todo >= PROGRESS_MIN_TOKENS:

@@ -36,6 +36,10 @@ LOGITS_KEPT = 4  # tips whose logits a session remembers (BOS's is kept besides)
 # each context's memory; short calls also let a request preempt idle work
 # sooner
 BRANCH_ROWS = 16
+# a context is sized to its document (about 18 KB a cell with the default
+# model): it grows in steps of this many cells, keeping as many to spare for
+# branches, drafts and probes; ``n_ctx`` stays the limit every rule sees
+GROW_CELLS = 512
 ShouldStop = Callable[[], bool]
 Progress = Callable[[int, int], None]
 
@@ -71,6 +75,11 @@ class SavedState:
         return len(self.kv) + sum(a.nbytes for a in self.logits_at.values())
 
 
+def _cells_for(tokens: int, n_ctx: int) -> int:
+    """A context size for ``tokens`` tokens: rounded up, with GROW_CELLS to spare."""
+    return min(n_ctx, -(-(tokens + GROW_CELLS) // GROW_CELLS) * GROW_CELLS)
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -93,22 +102,21 @@ class Session:
         self.model = model
         self.n_ctx = n_ctx
         self.n_branches = n_branches
-        self.ctx = model.new_context(n_ctx, n_branches + 1)
-        self.mem = llama.llama_get_memory(self.ctx)
         self.rows = model.n_ubatch
         self.batch = llama.llama_batch_init(self.rows, 0, n_branches + 1)
         # llama.cpp asks this between graph nodes: a call for idle work stops
         # within a millisecond or two when a request arrives (see ``decode``)
         self._abort = llama.ggml_abort_callback(lambda _data: Session._interrupted())
-        llama.llama_set_abort_callback(self.ctx, self._abort, None)
+        self._open(min(n_ctx, GROW_CELLS))
         self.tokens: list[int] = []
         self.logits: np.ndarray | None = None
         self.fed_count = 0  # document tokens decoded, ever (cancelled feeds included)
         # logits after tokens[:n], for a few n (BOS, recent tips): syncing
         # back to such a prefix (a backspace, a guess that missed) is free
         self._logits_at: dict[int, np.ndarray] = {}
-        # the shortest prefix the cells can be rewound to exactly (see ``restore``)
-        self.floor = 0
+        # the whole document's length in tokens, if known: a fresh read sizes
+        # the context for it, so the cursor can move anywhere in it
+        self.expected = 0
 
     @property
     def rule(self) -> BatchRule:
@@ -131,50 +139,85 @@ class Session:
             llama.llama_free(self.ctx)
             self.ctx = None
 
+    # -- the context's size --------------------------------------------------
+    def _open(self, cells: int) -> None:
+        self.cells = cells  # the context's KV cells (``n_ctx`` is what limits see)
+        self.ctx = self.model.new_context(cells, self.keeper + 1)
+        self.mem = llama.llama_get_memory(self.ctx)
+        llama.llama_set_abort_callback(self.ctx, self._abort, None)
+
+    def _fit(self, tokens: int) -> None:
+        """Size the context for a target of ``tokens`` tokens: grow it, or fit
+        it to the document when the session holds no more than BOS (a fresh
+        read)."""
+        fresh = len(self.tokens) <= 1
+        cells = _cells_for(max(tokens, self.expected) if fresh else tokens, self.n_ctx)
+        if cells > self.cells or (fresh and cells < self.cells):
+            self._resize(cells)
+
+    def make_room(self, cells: int) -> None:
+        """Make sure the context has at least ``cells`` cells (within n_ctx)."""
+        if cells > self.cells and self.cells < self.n_ctx:
+            self._resize(_cells_for(cells, self.n_ctx))
+
+    def _resize(self, cells: int) -> None:
+        """A context of another size takes the sequence over (saved and
+        restored: exact, see ``restore``)."""
+        state = self.save() if self.tokens else None
+        llama.llama_free(self.ctx)
+        self._open(cells)
+        self.reset()
+        if state is not None and not self.restore(state):
+            raise DecodeError("llama.cpp could not move the sequence to a bigger context")
+
     def reset(self) -> None:
         llama.llama_memory_clear(self.mem, True)
         self.tokens = []
         self.logits = None
         self._logits_at = {}
-        self.floor = 0
+
+    @property
+    def keeper(self) -> int:
+        """A sequence that holds every document cell while the document is
+        saved and after it is restored (see ``restore``)."""
+        return self.n_branches + 1
 
     def save(self) -> SavedState:
-        """The document sequence as host memory (see ``SavedState``)."""
-        size = llama.llama_state_seq_get_size(self.ctx, DOC_SEQ)
+        """The document sequence as host memory (see ``SavedState``). The
+        session is reset or moved right after (the keeper holds its cells)."""
+        llama.llama_memory_seq_cp(self.mem, DOC_SEQ, self.keeper, -1, -1)
+        size = llama.llama_state_seq_get_size(self.ctx, -1)
         kv = (ctypes.c_uint8 * size)()
-        if llama.llama_state_seq_get_data(self.ctx, kv, size, DOC_SEQ) != size:
+        if llama.llama_state_seq_get_data(self.ctx, kv, size, -1) != size:
             raise DecodeError("llama.cpp could not save the sequence")
         return SavedState(list(self.tokens), kv, dict(self._logits_at))
 
     def restore(self, state: SavedState) -> bool:
-        """Hold a saved sequence again (the context is cleared first, so its
-        cells are laid out from 0 as in a fresh run).
+        """Hold a saved sequence again, its cells where they were: laid out
+        from 0 as in a fresh run (the context grows to hold them).
 
-        llama.cpp saves a sequence without the cells its sliding-window
-        layers no longer attend to: a token fed after position L - 1 would
-        need them. So a restored sequence of L tokens, longer than the
-        window, can go on from its tip or one token back, and a deeper
-        rewind reads it again from the start (``floor``)."""
+        Two llama.cpp facts shape this; tests that compare with a fresh run
+        fail without either. A saved *sequence* leaves out the cells its
+        sliding-window layers no longer attend to, which a rewind needs: so
+        the whole memory is saved (there is no other sequence in it then).
+        A restored memory starts looking for free cells at cell 0, and takes
+        a sliding-window cell no longer attended to as free when one
+        sequence alone holds it: so every document cell is held by the
+        keeper sequence too, and new tokens go where a fresh run puts them.
+        A rewind frees both (``_rewind``)."""
         self.reset()
         if not state.tokens:
             return True
-        if llama.llama_state_seq_set_data(self.ctx, state.kv, len(state.kv), DOC_SEQ) != len(state.kv):
+        self.make_room(len(state.tokens))
+        if llama.llama_state_seq_set_data(self.ctx, state.kv, len(state.kv), -1) != len(state.kv):
             self.reset()
             return False
         self.tokens = list(state.tokens)
-        window = self.model.n_swa
-        self.floor = len(self.tokens) - 1 if 0 < window < len(self.tokens) else 0
         self._logits_at = dict(state.logits_at)
         self.logits = self._logits_at.get(len(self.tokens))
         return True
 
     # -- the document sequence ---------------------------------------------
-    def reusable(self, target: Sequence[int]) -> int:
-        """How many tokens of target the session keeps: the common prefix,
-        or none below the floor (the sequence is then read again)."""
-        keep = common_prefix(self.tokens, target)
-        return keep if keep >= self.floor else 0
-
     def sync(
         self,
         target: Sequence[int],
@@ -188,26 +231,28 @@ class Session:
             raise ValueError("a session needs at least one token")
         if len(target) > self.n_ctx:
             raise ValueError(f"{len(target)} tokens do not fit a context of {self.n_ctx}")
-        if self.reusable(target) == 0:
-            self.reset()  # (also below the floor)
-        bos = self.model.bos if self.model.add_bos else None
-        fed_bos = 0
-        if bos is not None and target[0] == bos and not self.tokens:
-            # BOS goes alone so its logits are remembered: the session then
-            # never has to rewind past it.
-            self._decode_doc([bos], want_logits=True)
-            fed_bos = 1
         keep = common_prefix(self.tokens, target)
         if keep == len(target):  # target is a prefix of what we hold
             if keep == len(self.tokens) and self.logits is not None:
-                return SyncResult(reused=keep - fed_bos, fed=fed_bos)
+                return SyncResult(reused=keep, fed=0)
             remembered = self._logits_at.get(keep)
             if remembered is not None:
                 self._rewind(keep)
                 self.logits = remembered
-                return SyncResult(reused=keep - fed_bos, fed=fed_bos)
+                return SyncResult(reused=keep, fed=0)
             keep -= 1  # the logits of the last token are needed: re-feed it
+        fed_bos = 0
+        if keep == 0:  # read it all
+            self.reset()
+            keep = 0
+            if self.model.add_bos and target[0] == self.model.bos:
+                # BOS goes alone so its logits are remembered: the session
+                # then never has to rewind past it.
+                self._fit(len(target))
+                self._decode_doc([target[0]], want_logits=True)
+                keep = fed_bos = 1
         self._rewind(keep)
+        self._fit(len(target))
         probed: dict[int, tuple[int, ...]] = {}
         fed = self._feed(list(target[keep:]), should_stop, progress, probe, probed)
         return SyncResult(reused=keep - fed_bos, fed=fed + fed_bos, probed=probed)
@@ -216,7 +261,7 @@ class Session:
         if n < len(self.tokens):
             if n == 0:
                 llama.llama_memory_clear(self.mem, True)
-            elif not llama.llama_memory_seq_rm(self.mem, DOC_SEQ, n, -1):
+            elif not llama.llama_memory_seq_rm(self.mem, -1, n, -1):  # the keeper's too (no branch is alive)
                 raise DecodeError("llama.cpp refused to remove tokens from the sequence")
             del self.tokens[n:]
             self.logits = None

@@ -56,6 +56,29 @@ def test_edits_and_a_deep_rewind_match_a_fresh_run(gemma: Model) -> None:
         s.close()
 
 
+def test_a_saved_and_restored_document_goes_on_exactly(gemma: Model) -> None:
+    """Saved (an evicted document) or moved to a bigger context, a session of
+    1,100 tokens, twice the sliding window, goes on exactly: from its end, a
+    few tokens back, and deeper than the window (see ``Session.restore``)."""
+    tokens = gemma.tokenize(SOURCE.read_text().encode(), True)[:1300]
+    s = Session(gemma, n_ctx=2048, n_branches=4)
+    s.sync(tokens[:1100])
+    state = s.save()
+    s.close()
+    tail = gemma.tokenize(b"    return self._queue\n", False)
+    for depth in (0, 3, 700):
+        back = Session(gemma, n_ctx=2048, n_branches=4)
+        try:
+            assert back.restore(state) and back.tokens == tokens[:1100]
+            target = tokens[: 1100 - depth] + tail
+            back.sync(target)
+            assert np.array_equal(back.logits, fresh(gemma, target)), depth
+            back.sync(tokens[: 1300 - depth])  # and on, past the old end
+            assert np.array_equal(back.logits, fresh(gemma, tokens[: 1300 - depth])), depth
+        finally:
+            back.close()
+
+
 def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
     """Typing a line keystroke by keystroke (memo, drafts, spare and idle
     work all in play, quick asks as the server makes them) shows the items

@@ -20,7 +20,7 @@ BASE = (
 
 
 def fresh_logits(model: Model, tokens: list[int]) -> np.ndarray:
-    s = Session(model, n_ctx=1024, n_branches=2)
+    s = Session(model, n_ctx=4096, n_branches=2)
     try:
         s.sync(tokens)
         assert s.logits is not None
@@ -179,8 +179,8 @@ def test_an_interrupted_call_leaves_no_cells_and_the_session_exact(tiny: Model) 
 @pytest.mark.parametrize("depth", [0, 1, 2, 5, tiny_model.SLIDING_WINDOW + 3, 100])
 def test_a_restored_session_rewinds_exactly(tiny: Model, depth: int) -> None:
     """llama.cpp saves a sequence without the cells its sliding-window
-    layers no longer attend to; a rewind of two tokens or more needs them.
-    The restored session must notice and read again rather than go wrong."""
+    layers no longer attend to; a rewind of two tokens or more needs them
+    (see ``Session.restore``)."""
     doc = tiny.tokenize(BASE.encode(), True)
     tail = tiny.tokenize(b"crab.x = walk(crab, 3)\n", False)
     s, back = Session(tiny, n_ctx=1024, n_branches=2), Session(tiny, n_ctx=1024, n_branches=2)
@@ -192,6 +192,54 @@ def test_a_restored_session_rewinds_exactly(tiny: Model, depth: int) -> None:
         assert np.array_equal(back.logits, fresh_logits(tiny, target))
         back.sync(doc[:40] + tail)  # and deeper still, from there
         assert np.array_equal(back.logits, fresh_logits(tiny, doc[:40] + tail))
+    finally:
+        s.close()
+        back.close()
+
+
+def test_a_context_sized_to_its_document_grows_exactly(tiny: Model) -> None:
+    """A context starts at the document's size and grows as the text before
+    the cursor does (the sequence moves to a bigger context, see
+    ``Session._resize``); logits stay those of a fresh run."""
+    from lsp_llm.session import GROW_CELLS
+
+    doc = tiny.tokenize((BASE * 20).encode(), True)
+    assert len(doc) > 2 * GROW_CELLS
+    s = Session(tiny, n_ctx=4096, n_branches=2)
+    try:
+        s.expected = 300
+        s.sync(doc[:300])
+        assert s.cells == 2 * GROW_CELLS
+        for n in (600, 2 * GROW_CELLS + 40, len(doc)):  # each one grows the context
+            before = s.cells
+            s.sync(doc[:n])
+            assert s.cells > before and s.cells >= n + GROW_CELLS
+            assert np.array_equal(s.logits, fresh_logits(tiny, doc[:n]))
+        edited = doc[:50] + tiny.tokenize(b"crab", False)  # a deep edit after the moves
+        s.sync(edited)
+        assert np.array_equal(s.logits, fresh_logits(tiny, edited))
+        other = doc[:1] + tiny.tokenize(b"class Crab:\n", False)
+        s.expected = len(other)
+        s.sync(other)  # a fresh read fits the context to the document again
+        assert s.cells == 2 * GROW_CELLS and np.array_equal(s.logits, fresh_logits(tiny, other))
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("n", [293, 300, 301, 302])
+def test_a_restored_session_goes_on_exactly_whatever_its_length(tiny: Model, n: int) -> None:
+    """Restored cells must sit where a fresh run has them: llama.cpp's sums
+    over cells group them by SIMD lanes (restored as a sequence, the
+    sliding-window cells shifted to cell 0 gave other logits 100 or 300
+    tokens later at 293, 301 and 302 tokens)."""
+    doc = tiny.tokenize((BASE * 8).encode(), True)
+    s, back = Session(tiny, n_ctx=4096, n_branches=2), Session(tiny, n_ctx=4096, n_branches=2)
+    try:
+        s.sync(doc[:n])
+        assert back.restore(s.save()) and back.tokens == doc[:n]
+        for more in (10, 100, 300):
+            back.sync(doc[: n + more])
+            assert np.array_equal(back.logits, fresh_logits(tiny, doc[: n + more]))
     finally:
         s.close()
         back.close()
