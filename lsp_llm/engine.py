@@ -333,17 +333,21 @@ class Engine:
                 job.future.set_exception(RuntimeError("the engine is shutting down"))
 
     def _next(self) -> _Job | _Sync | _Idle | None:
-        """What the engine does next (under the lock): jobs, then syncs,
-        then idle work."""
+        """What the engine does next (under the lock): jobs, then syncs that
+        need no eviction, then idle work, then reads that move a live
+        session (not the focus) to host memory."""
         if self._jobs:
             return self._jobs.popleft()
         if self.model is None:
             return None
         uri = self._next_sync()
+        idle = None if uri is not None else self._next_idle()
+        if uri is None and idle is None:
+            uri = self._next_read()
         if uri is not None:
             del self._dirty[uri]
             return _Sync(uri, self._targets[uri])
-        return self._next_idle()
+        return idle
 
     def _next_sync(self) -> str | None:
         """The focus document first, then the most recently edited ones that
@@ -354,6 +358,20 @@ class Engine:
             if uri == self.focus or uri in self.sessions or len(self.sessions) < self.max_sessions:
                 return uri
         return None
+
+    def _next_read(self) -> str | None:
+        """A document not read yet, the most recently edited first, when its
+        read can evict a live session other than the focus and the saved
+        states are within their budget (a first visit then costs a restore)."""
+        if self._evictable() is None or sum(v.nbytes for v in self.saved.values()) >= self.saved_bytes:
+            return None
+        unread = [u for u in reversed(self._dirty) if u not in self.sessions and u not in self.saved]
+        return unread[0] if unread else None
+
+    def _evictable(self) -> str | None:
+        """The live session to evict next: the least recently used one that
+        is not the focus."""
+        return next((u for u in self.sessions if u != self.focus), None)
 
     def _next_idle(self) -> _Idle | None:
         order = [self.focus] if self.focus in self._plans else []
@@ -440,8 +458,11 @@ class Engine:
         if s is not None:
             self.sessions.move_to_end(uri)
             return s
-        if len(self.sessions) >= self.max_sessions:
-            old_uri, s = self.sessions.popitem(last=False)
+        old_uri = None
+        if len(self.sessions) >= self.max_sessions:  # (the focus too, when it is the only one)
+            old_uri = self._evictable() or next(iter(self.sessions))
+        if old_uri is not None:
+            s = self.sessions.pop(old_uri)
             log.debug("evicting the session of %s for %s", old_uri, uri)
             self._save(old_uri, s)
         else:

@@ -22,8 +22,8 @@ def wait_idle(e: Engine, timeout: float = 30) -> None:
     end = time.time() + timeout
     while time.time() < end:
         with e._cond:  # (polling with jobs would preempt the idle work it waits for)
-            busy = e._next_sync() is not None or e.preparing()
-        if not busy and e.submit(lambda: e._next_sync() is None and not e.preparing()).result():
+            busy = e._next_sync() is not None or e._next_read() is not None or e.preparing()
+        if not busy and e.submit(lambda: e._next_sync() is None and e._next_read() is None and not e.preparing()).result():
             return
         time.sleep(0.01)
     raise AssertionError("engine never went idle")
@@ -68,15 +68,21 @@ def test_lru_eviction_saves_and_restores_exactly(engine: Engine, tiny: Model) ->
     for u, tgt in docs.items():
         engine.update(u, tgt, len(tgt), focus=u == "a")  # "b" and "c" are opened, not typed in
         wait_idle(engine)
-    assert list(engine.sessions) == ["a", "b"]  # max_sessions=2: a background sync never evicts
-    engine.submit(lambda: engine.sync("c", docs["c"])).result()  # a request does: "a" is saved
-    assert list(engine.sessions) == ["b", "c"] and list(engine.saved) == ["a"]
-    assert engine.stats["a"].cached == 0
+    # max_sessions=2: "c" was read in the background by moving "b" (not the focus) to host memory
+    assert list(engine.sessions) == ["a", "c"] and list(engine.saved) == ["b"]
+    assert engine.stats["b"].cached == 0
+    fed = engine.stats["b"].fed_total
+    s = engine.submit(lambda: engine.sync("b", docs["b"])).result()  # a first visit: "c" is saved
+    assert s.tokens == docs["b"] and engine.stats["b"].fed_total == fed and engine.stats["b"].restored == 1
+    assert list(engine.sessions) == ["a", "b"] and list(engine.saved) == ["c"]
+    engine.update("b", docs["b"], len(docs["b"]))  # the focus moves to "b"
     fed = engine.stats["a"].fed_total
+    s = engine.submit(lambda: engine.sync("c", docs["c"])).result()  # "a" goes now
+    assert list(engine.sessions) == ["b", "c"] and list(engine.saved) == ["a"]
     s = engine.submit(lambda: engine.sync("a", docs["a"])).result()
     # coming back restores the saved sequence: nothing is re-fed, and it is exact
     assert s.tokens == docs["a"] and engine.stats["a"].fed_total == fed and engine.stats["a"].restored == 1
-    assert list(engine.sessions) == ["c", "a"] and list(engine.saved) == ["b"]
+    assert list(engine.sessions) == ["b", "a"] and list(engine.saved) == ["c"]  # (the focus stays)
     more = docs["a"] + tiny.tokenize(b"x = crab(2)", False)
     s = engine.submit(lambda: engine.sync("a", more)).result()
     fresh = Session(tiny, 1024, 1)
@@ -92,10 +98,10 @@ def test_lru_eviction_saves_and_restores_exactly(engine: Engine, tiny: Model) ->
     fresh.close()
     more = edited
     # switching between live documents re-evaluates nothing
-    before = {u: engine.stats[u].fed_total for u in "ca"}
-    for u in "cacaca":
-        engine.submit(lambda u=u: engine.sync(u, docs[u] if u == "c" else more)).result()
-    assert {u: engine.stats[u].fed_total for u in "ca"} == before
+    before = {u: engine.stats[u].fed_total for u in "ba"}
+    for u in "bababa":
+        engine.submit(lambda u=u: engine.sync(u, docs[u] if u == "b" else more)).result()
+    assert {u: engine.stats[u].fed_total for u in "ba"} == before
 
 
 def test_without_a_budget_an_evicted_document_is_read_again(tiny: Model) -> None:
