@@ -66,6 +66,12 @@ class DocStats:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
+# rows of a background sync's feed calls: a request waits at most one such
+# call (about 65 ms with the default model, against 240 ms for a 128-row call;
+# reads are about 8% slower)
+BACKGROUND_ROWS = 32
+
+
 @dataclass(frozen=True)
 class DocTarget:
     """What a document asks of its session: its prompt, the healed text the
@@ -412,7 +418,7 @@ class Engine:
             return bool(self._jobs) or self._stopping or self._targets.get(uri) is not target
 
         try:
-            self.sync(uri, target, superseded)
+            self.sync(uri, target, superseded, rows=BACKGROUND_ROWS)
         except Cancelled:
             with self._cond:  # try again later unless a newer target replaced it
                 if uri in self._targets and uri not in self._dirty:
@@ -496,6 +502,7 @@ class Engine:
         should_stop: Callable[[], bool] | None = None,
         healed: bytes | None = None,
         deadline: float | None = None,
+        rows: int | None = None,
     ) -> Session:
         """Bring the document's session to (the window of) target. The feed
         probes the likely first tokens that start with ``healed`` (default:
@@ -527,7 +534,7 @@ class Engine:
             typed = self._healed.get(uri, b"") if healed is None else healed
             probe = [t for t in memo.top(start_key.digest()) if self.model.piece(t).startswith(typed)]
         try:
-            result: SyncResult = s.sync(fitted, should_stop, progress, probe)
+            result: SyncResult = s.sync(fitted, should_stop, progress, probe, rows)
         except Cancelled:
             if deadline is None or time.monotonic() < deadline:
                 raise

@@ -224,9 +224,12 @@ class Session:
         should_stop: ShouldStop | None = None,
         progress: Progress | None = None,
         probe: Sequence[int] = (),
+        rows: int | None = None,
     ) -> SyncResult:
         """Make the session hold ``target`` with its last logits ready. If
-        that takes a decode call, the probe tokens ride in its padding."""
+        that takes a decode call, the probe tokens ride in its padding.
+        ``rows`` caps the rows of a feed call (default: the context's batch);
+        any cap gives the same logits (canonical calls)."""
         if not target:
             raise ValueError("a session needs at least one token")
         if len(target) > self.n_ctx:
@@ -254,7 +257,7 @@ class Session:
         self._rewind(keep)
         self._fit(len(target))
         probed: dict[int, tuple[int, ...]] = {}
-        fed = self._feed(list(target[keep:]), should_stop, progress, probe, probed)
+        fed = self._feed(list(target[keep:]), should_stop, progress, probe, probed, rows)
         return SyncResult(reused=keep - fed_bos, fed=fed + fed_bos, probed=probed)
 
     def _rewind(self, n: int) -> None:
@@ -282,9 +285,10 @@ class Session:
         progress: Progress | None,
         probe: Sequence[int] = (),
         probed: dict[int, tuple[int, ...]] | None = None,
+        rows: int | None = None,
     ) -> int:
         fed = 0
-        plan = self.rule.plan(len(tail), self.rows)
+        plan = self.rule.plan(len(tail), min(rows or self.rows, self.rows))
         for i, size in enumerate(plan):
             if should_stop is not None and should_stop():
                 raise Cancelled()

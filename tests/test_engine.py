@@ -18,12 +18,16 @@ from lsp_llm.session import Cancelled, Session
 TEXT = b"def crab(x):\n    return x + 1\n\n" * 40
 
 
+def _busy(e: Engine) -> bool:
+    return e._next_sync() is not None or e._next_read() is not None or e.preparing()
+
+
 def wait_idle(e: Engine, timeout: float = 30) -> None:
     end = time.time() + timeout
     while time.time() < end:
         with e._cond:  # (polling with jobs would preempt the idle work it waits for)
-            busy = e._next_sync() is not None or e._next_read() is not None or e.preparing()
-        if not busy and e.submit(lambda: e._next_sync() is None and e._next_read() is None and not e.preparing()).result():
+            busy = _busy(e)
+        if not busy and not e.submit(lambda: _busy(e)).result():
             return
         time.sleep(0.01)
     raise AssertionError("engine never went idle")
@@ -47,6 +51,10 @@ def test_background_sync_brings_the_session_up_to_date(engine: Engine, tiny: Mod
     assert s.tokens == target and s.logits is not None
     st = engine.stats["a"]
     assert st.cached == len(target) and st.fed_total == len(target)
+    fresh = Session(tiny, 1024, 1)  # (fed in 128-row calls, the background's are shorter)
+    fresh.sync(target)
+    assert np.array_equal(s.logits, fresh.logits)
+    fresh.close()
 
 
 def test_bursts_are_coalesced(engine: Engine, tiny: Model) -> None:
