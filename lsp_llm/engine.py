@@ -66,9 +66,9 @@ class DocStats:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
-# rows of a background sync's feed calls: a request waits at most one such
-# call (about 65 ms with the default model, against 240 ms for a 128-row call;
-# reads are about 8% slower)
+# rows of the feed calls of a background sync of a document other than the
+# focus: a request waits at most one such call (about 65 ms with the default
+# model, against 240 ms for a 128-row call; reads are about 8% slower)
 BACKGROUND_ROWS = 32
 
 
@@ -418,7 +418,10 @@ class Engine:
             return bool(self._jobs) or self._stopping or self._targets.get(uri) is not target
 
         try:
-            self.sync(uri, target, superseded, rows=BACKGROUND_ROWS)
+            # another document's read keeps its calls short (a request for the
+            # focus would wait for them); the focus's own read is the request's
+            # work too, so it takes full calls
+            self.sync(uri, target, superseded, rows=None if uri == self.focus else BACKGROUND_ROWS)
         except Cancelled:
             with self._cond:  # try again later unless a newer target replaced it
                 if uri in self._targets and uri not in self._dirty:

@@ -141,7 +141,6 @@ class Model:
         self.bos: int = llama.llama_vocab_bos(self._vocab)
         self.add_bos: bool = bool(llama.llama_vocab_get_add_bos(self._vocab)) and self.bos >= 0
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(self._model)
-        self.n_swa: int = llama.llama_model_n_swa(self._model)  # sliding window (0: none)
         fim = FimTokens(llama.llama_vocab_fim_pre(self._vocab), llama.llama_vocab_fim_suf(self._vocab),
                         llama.llama_vocab_fim_mid(self._vocab))
         self.fim: FimTokens | None = fim if min(fim.pre, fim.suf, fim.mid) >= 0 else None

@@ -247,7 +247,6 @@ class Session:
         fed_bos = 0
         if keep == 0:  # read it all
             self.reset()
-            keep = 0
             if self.model.add_bos and target[0] == self.model.bos:
                 # BOS goes alone so its logits are remembered: the session
                 # then never has to rewind past it.
