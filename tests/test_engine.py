@@ -45,13 +45,13 @@ def test_window_is_stable_while_typing() -> None:
 
 def test_background_sync_brings_the_session_up_to_date(engine: Engine, tiny: Model) -> None:
     target = tiny.tokenize(TEXT, True)
-    engine.update("a", target, len(target))
+    engine.update("a", target, len(target), focus=False)  # (not the focus: short feed calls)
     wait_idle(engine)
     s = engine.submit(lambda: engine.sessions["a"]).result()
     assert s.tokens == target and s.logits is not None
     st = engine.stats["a"]
     assert st.cached == len(target) and st.fed_total == len(target)
-    fresh = Session(tiny, 1024, 1)  # (fed in 128-row calls, the background's are shorter)
+    fresh = Session(tiny, 1024, 1)  # (fed in 128-row calls)
     fresh.sync(target)
     assert np.array_equal(s.logits, fresh.logits)
     fresh.close()
