@@ -347,13 +347,15 @@ class Engine:
         if self.model is None:
             return None
         uri = self._next_sync()
-        idle = None if uri is not None else self._next_idle()
-        if uri is None and idle is None:
+        if uri is None:
+            idle = self._next_idle()
+            if idle is not None:
+                return idle
             uri = self._next_read()
-        if uri is not None:
-            del self._dirty[uri]
-            return _Sync(uri, self._targets[uri])
-        return idle
+        if uri is None:
+            return None
+        del self._dirty[uri]
+        return _Sync(uri, self._targets[uri])
 
     def _next_sync(self) -> str | None:
         """The focus document first, then the most recently edited ones that
@@ -369,7 +371,7 @@ class Engine:
         """A document not read yet, the most recently edited first, when its
         read can evict a live session other than the focus and the saved
         states are within their budget (a first visit then costs a restore)."""
-        if self._evictable() is None or sum(v.nbytes for v in self.saved.values()) >= self.saved_bytes:
+        if self._evictable() is None or self._saved_nbytes >= self.saved_bytes:
             return None
         unread = [u for u in reversed(self._dirty) if u not in self.sessions and u not in self.saved]
         return unread[0] if unread else None
@@ -467,10 +469,8 @@ class Engine:
         if s is not None:
             self.sessions.move_to_end(uri)
             return s
-        old_uri = None
         if len(self.sessions) >= self.max_sessions:  # (the focus too, when it is the only one)
             old_uri = self._evictable() or next(iter(self.sessions))
-        if old_uri is not None:
             s = self.sessions.pop(old_uri)
             log.debug("evicting the session of %s for %s", old_uri, uri)
             self._save(old_uri, s)
@@ -488,7 +488,7 @@ class Engine:
         if uri in self._targets and s.tokens and self.saved_bytes > 0:
             state = s.save()
             self.saved[uri] = state
-            while self.saved and sum(v.nbytes for v in self.saved.values()) > self.saved_bytes:
+            while self.saved and self._saved_nbytes > self.saved_bytes:
                 self.saved.popitem(last=False)
         if uri in self.stats:
             self.stats[uri].cached = 0
@@ -496,7 +496,11 @@ class Engine:
 
     @property
     def saved_mb(self) -> float:
-        return sum(v.nbytes for v in self.saved.values()) / (1 << 20)
+        return self._saved_nbytes / (1 << 20)
+
+    @property
+    def _saved_nbytes(self) -> int:
+        return sum(v.nbytes for v in self.saved.values())
 
     def sync(
         self,
@@ -511,12 +515,11 @@ class Engine:
         probes the likely first tokens that start with ``healed`` (default:
         what the documents said last). A long read (PROGRESS_MIN_TOKENS or
         more) still going at ``deadline`` (time.monotonic) raises LongRead and
-        goes on as a background sync."""
+        goes on as a background sync. ``rows`` caps the rows of a feed call."""
         has_bos = bool(self.model.add_bos)
         fitted, start = window(target, self.n_ctx, self.headroom, has_bos)
         s = self.session(uri)
         st = self.stats.setdefault(uri, DocStats())
-        s.expected = min(st.tokens, self.n_ctx - self.headroom)  # (a context fits the document)
         progress = None
         todo = len(fitted) - common_prefix(s.tokens, fitted)  # tokens to feed again
         if deadline is not None and todo >= PROGRESS_MIN_TOKENS:
@@ -537,7 +540,9 @@ class Engine:
             typed = self._healed.get(uri, b"") if healed is None else healed
             probe = [t for t in memo.top(start_key.digest()) if self.model.piece(t).startswith(typed)]
         try:
-            result: SyncResult = s.sync(fitted, should_stop, progress, probe, rows)
+            # (a fresh read sizes the context for the whole document, windowed)
+            doc_tokens = min(st.tokens, self.n_ctx - self.headroom)
+            result: SyncResult = s.sync(fitted, should_stop, progress, probe, rows, doc_tokens)
         except Cancelled:
             if deadline is None or time.monotonic() < deadline:
                 raise

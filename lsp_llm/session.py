@@ -114,9 +114,6 @@ class Session:
         # logits after tokens[:n], for a few n (BOS, recent tips): syncing
         # back to such a prefix (a backspace, a guess that missed) is free
         self._logits_at: dict[int, np.ndarray] = {}
-        # the whole document's length in tokens, if known: a fresh read sizes
-        # the context for it, so the cursor can move anywhere in it
-        self.expected = 0
 
     @property
     def rule(self) -> BatchRule:
@@ -146,12 +143,13 @@ class Session:
         self.mem = llama.llama_get_memory(self.ctx)
         llama.llama_set_abort_callback(self.ctx, self._abort, None)
 
-    def _fit(self, tokens: int) -> None:
+    def _fit(self, tokens: int, doc_tokens: int) -> None:
         """Size the context for a target of ``tokens`` tokens: grow it, or fit
-        it to the document when the session holds no more than BOS (a fresh
+        it to the document (``doc_tokens``, so that the cursor can move
+        anywhere in it) when the session holds no more than BOS (a fresh
         read)."""
         fresh = len(self.tokens) <= 1
-        cells = _cells_for(max(tokens, self.expected) if fresh else tokens, self.n_ctx)
+        cells = _cells_for(max(tokens, doc_tokens) if fresh else tokens, self.n_ctx)
         if cells > self.cells or (fresh and cells < self.cells):
             self._resize(cells)
 
@@ -225,11 +223,13 @@ class Session:
         progress: Progress | None = None,
         probe: Sequence[int] = (),
         rows: int | None = None,
+        doc_tokens: int = 0,
     ) -> SyncResult:
         """Make the session hold ``target`` with its last logits ready. If
         that takes a decode call, the probe tokens ride in its padding.
         ``rows`` caps the rows of a feed call (default: the context's batch);
-        any cap gives the same logits (canonical calls)."""
+        any cap gives the same logits (canonical calls). ``doc_tokens``: the
+        whole document's length, if known (see ``_fit``)."""
         if not target:
             raise ValueError("a session needs at least one token")
         if len(target) > self.n_ctx:
@@ -244,17 +244,14 @@ class Session:
                 self.logits = remembered
                 return SyncResult(reused=keep, fed=0)
             keep -= 1  # the logits of the last token are needed: re-feed it
-        fed_bos = 0
-        if keep == 0:  # read it all
-            self.reset()
-            if self.model.add_bos and target[0] == self.model.bos:
-                # BOS goes alone so its logits are remembered: the session
-                # then never has to rewind past it.
-                self._fit(len(target))
-                self._decode_doc([target[0]], want_logits=True)
-                keep = fed_bos = 1
         self._rewind(keep)
-        self._fit(len(target))
+        self._fit(len(target), doc_tokens)
+        fed_bos = 0
+        if keep == 0 and self.model.add_bos and target[0] == self.model.bos:
+            # BOS goes alone so its logits are remembered: the session then
+            # never has to rewind past it.
+            self._decode_doc([target[0]], want_logits=True)
+            keep = fed_bos = 1
         probed: dict[int, tuple[int, ...]] = {}
         fed = self._feed(list(target[keep:]), should_stop, progress, probe, probed, rows)
         return SyncResult(reused=keep - fed_bos, fed=fed + fed_bos, probed=probed)

@@ -207,8 +207,7 @@ def test_a_context_sized_to_its_document_grows_exactly(tiny: Model) -> None:
     assert len(doc) > 2 * GROW_CELLS
     s = Session(tiny, n_ctx=4096, n_branches=2)
     try:
-        s.expected = 300
-        s.sync(doc[:300])
+        s.sync(doc[:300], doc_tokens=300)
         assert s.cells == 2 * GROW_CELLS
         for n in (600, 2 * GROW_CELLS + 40, len(doc)):  # each one grows the context
             before = s.cells
@@ -219,8 +218,7 @@ def test_a_context_sized_to_its_document_grows_exactly(tiny: Model) -> None:
         s.sync(edited)
         assert np.array_equal(s.logits, fresh_logits(tiny, edited))
         other = doc[:1] + tiny.tokenize(b"class Crab:\n", False)
-        s.expected = len(other)
-        s.sync(other)  # a fresh read fits the context to the document again
+        s.sync(other, doc_tokens=len(other))  # a fresh read fits the context to the document again
         assert s.cells == 2 * GROW_CELLS and np.array_equal(s.logits, fresh_logits(tiny, other))
     finally:
         s.close()
