@@ -30,7 +30,7 @@ class Settings:
     read_budget_ms: int = 1000  # a request waits this long for a long read, then answers empty (isIncomplete)
     saved_mb: int = 256  # host memory for the KV state of documents beyond maxSessions
     inline: bool = True  # ghost text (textDocument/inlineCompletion)
-    inline_lines: int = 4  # max lines of ghost text
+    inline_lines: int = 2  # max lines of ghost text (chosen by `lsp-llm bench --tune`)
     inline_tokens: int = 64  # max tokens of ghost text
     inline_budget_ms: int = 300  # answer with what is ready (at least a line) after this long
     inline_stop: tuple[str, ...] = ()  # ghost text ends before any of these strings
@@ -40,6 +40,11 @@ class Settings:
 
     # settings that need a new model or new contexts when they change
     RELOAD = ("model", "n_ctx", "threads")
+
+    @property
+    def headroom(self) -> int:
+        """Room the windows leave after the prompt for generation."""
+        return max(self.line_tokens, self.inline_tokens) + 16
 
     def update(self, raw: Any) -> tuple[Settings, list[str]]:
         """Apply a JSON object; returns the new settings and the errors

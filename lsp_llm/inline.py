@@ -86,6 +86,8 @@ def _next_nonblank(data: bytes, start: int, lines: int = 64) -> bytes:
 class Rules:
     lines: int  # at most this many lines (an empty first line does not count)
     stops: tuple[bytes, ...] = ()  # the suggestion ends before any of these
+    one_statement: bool = True  # a line back at the cursor's level ends it (else only a dedent)
+    min_chars: int = MIN_CHARS  # a suggestion shows at least this many non-blank bytes
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ def scan(text: bytes, around: Around, rules: Rules) -> Cut:
         if i > 0 and line.strip():
             level = indent(line)
             if strict is None:
-                strict = continuing or level > ref
+                strict = rules.one_statement and (continuing or level > ref)
             if level < ref or (strict and level <= ref):  # the block ends here
                 if not _closing(line) or line.strip() == around.next_line:
                     return Cut(max(start - 1, 0), True)
@@ -216,9 +218,9 @@ def _settled(body: bytes, around: Around) -> bytes:
     return b"\n".join(lines if last is None else lines[: last + 1])
 
 
-def useful(text: bytes) -> bool:
-    """Not only whitespace or punctuation, and not shorter than MIN_CHARS."""
-    return len(b"".join(text.split())) >= MIN_CHARS and _WORDY.search(text) is not None
+def useful(text: bytes, min_chars: int = MIN_CHARS) -> bool:
+    """Not only whitespace or punctuation, and not shorter than min_chars."""
+    return len(b"".join(text.split())) >= min_chars and _WORDY.search(text) is not None
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ def shape(text: bytes, around: Around, rules: Rules, ended: bool, fim: bool = Fa
             return None  # mid-line in code the model cannot see
         lines = lines[:1]  # a line break would push the rest of the line down
     out = (b"\r\n" if around.crlf else b"\n").join(lines)
-    if not useful(out):
+    if not useful(out, rules.min_chars):
         return None
     return Shape(out.decode("utf-8", "ignore"), replace)
 

@@ -98,7 +98,7 @@ class Server(LanguageServer):
         super().__init__("lsp-llm", __version__, protocol_cls=Protocol, max_workers=2)
         self.settings = settings
         self.engine = Engine(settings.max_sessions, settings.n_ctx, n_branches=16,
-                             headroom=_headroom(settings), saved_mb=settings.saved_mb)
+                             headroom=settings.headroom, saved_mb=settings.saved_mb)
         self.latest = Latest(self.engine)
         self.inline = Inline()
         self.store = DocumentStore(None, self.engine)
@@ -160,7 +160,7 @@ class Server(LanguageServer):
             self.tell(t.MessageType.Error, f"settings: {e}")
         old, self.settings = self.settings, new
         apply_log_level(new.log_level)
-        self.engine.headroom = _headroom(new)
+        self.engine.headroom = new.headroom
         self.engine.saved_bytes = new.saved_mb << 20
         if new.max_sessions != old.max_sessions:
             self.engine.submit(lambda: self.engine.resize(new.max_sessions))
@@ -266,11 +266,6 @@ class InlineAnswer:
     def item(self) -> t.InlineCompletionItem:
         end = self.rest_end if self.suggestion.replace else self.here
         return t.InlineCompletionItem(insert_text=self.suggestion.text, range=t.Range(self.here, end))
-
-
-def _headroom(s: Settings) -> int:
-    """Room the windows leave after the prompt for generation."""
-    return max(s.line_tokens, s.inline_tokens) + 16
 
 
 def build(settings: Settings) -> Server:

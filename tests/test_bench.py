@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lsp_llm.bench import main as bench_main
-from lsp_llm.bench import pace, paced, quality, report, traces
+from lsp_llm.bench import ghost, pace, paced, quality, report, traces, tuning
 from lsp_llm.bench.lspclient import change_event, utf16_col
 from lsp_llm.bench.worker import sample_indices
 
@@ -216,6 +216,23 @@ def test_quality_metrics() -> None:
         assert c.truth and lines[c.line][c.col :].startswith(c.truth) and len(c.truth) <= 30
 
 
+def test_tuning_cuts_a_hole_and_scores_what_the_user_takes() -> None:
+    path = tuning.tuning_sources()[0]
+    hs = tuning.holes(path, 4, 1, traces.approx_tokens)
+    assert hs == tuning.holes(path, 4, 1, traces.approx_tokens) and len(hs) == 4
+    lines = traces.read_source(path)
+    for h in hs:
+        removed = "\n".join(x.rstrip() for x in [lines[h.line][h.col :], *lines[h.line + 1 : h.line + 9]])
+        assert h.truth == removed.rstrip() and "\n" in h.truth  # the rest of the line and the next lines
+        assert h.offset == len("\n".join([*lines[: h.line], lines[h.line][: h.col]]))
+        assert h.text == "\n".join([*lines[: h.line], lines[h.line][: h.col], *lines[h.line + 9 :]])
+    truth = "return x + 1\nprint(x)"
+    assert tuning.score("return x + 1", truth) == tuning.Score(12, 1, 0, True, True)  # Tab
+    assert tuning.score("return x + 2", truth) == tuning.Score(10, 3, 2, True, False)  # "return| x| +"
+    assert tuning.score("yield x", truth) == tuning.Score(0, 0, 7, True, False)
+    assert tuning.score("", truth) == tuning.Score()
+
+
 class _Oracle:
     """A suggester that knows the truth (its ghost text is right or wrong on
     purpose): checks the simulated user's arithmetic, not an engine."""
@@ -253,11 +270,12 @@ def test_typing_pace_memory_and_quality_on_the_tiny_model(tiny_model_path: Path,
         "--out", str(out), "--doc-tokens", "200", "--pace-keystrokes", "10", "--switch-keystrokes", "12",
         "--switch-doc-tokens", "150", "--switch-every", "5", "--memory-tokens", "200", "--quality-files", "1",
         "--quality-cuts", "1", "--quality-chars", "6", "--gen-tokens", "4", "--timeout", "240",
+        "--tune", "--tune-cuts", "1", "--ghost", "--ghost-lines", "1", "--ghost-cuts", "1",
     ])
     results = json.loads((out / "results.json").read_text())
     bad = [(r["engine"], r["trace"], r.get("reason")) for r in results["paced_runs"] if r["status"] != "ok"]
     assert rc == 0 and not bad, bad
-    assert results["runs"] == [] and results["sections"] == ["quality", "typing"]
+    assert results["runs"] == [] and results["sections"] == ["ghost", "quality", "tune", "typing"]
     names = {t["name"] for t in results["paced_traces"]}
     assert names == {"3 files, typing pace", "8 files, switching"}
     for r in results["paced_runs"]:
@@ -273,5 +291,15 @@ def test_typing_pace_memory_and_quality_on_the_tiny_model(tiny_model_path: Path,
     assert rows["lsp-llm"]["status"] == rows["llama-cpp-python"]["status"] == "ok"
     assert rows["llama-server /infill"]["status"] == "unavailable"
     assert all(0 <= r["exact"] <= 1 and 0 <= r["similarity"] <= 1 for r in rows.values())
+    typed = [len(traces.read_source(traces.stdlib_dir() / name)[first]) for name, first in ghost.GHOST_MODULES]
+    assert [r["keys"] for r in results["ghost"]["typing"]] == typed  # one answer per keystroke
+    assert all(r["type_through"] + r["model"] == r["keys"] for r in results["ghost"]["typing"])
+    assert len(results["ghost"]["depth"]) == len(ghost.GHOST_MODULES)
+    tuned = results["tuning"]
+    assert tuned["cuts"] == len(tuning.TUNING_MODULES) and tuned["rows"][0]["variant"] == "defaults"
+    assert {r["n_ctx"] for r in tuned["rows"]} == {4096, 1024}
+    assert all(0 <= r["whole"] <= r["shown"] <= 1 and r["accepted"] >= 0 for r in tuned["rows"])
     md = (out / "report.md").read_text()
     assert md.index("**Typing pace: 3 files") < md.index("**Memory**") < md.index("**Quality**")
+    assert md.index("**Ghost text at a typing pace**") < md.index("**Quality**")
+    assert md.index("**Quality**") < md.index("**Ghost text defaults, measured**")

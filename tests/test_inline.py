@@ -59,6 +59,10 @@ def test_continuing_a_line_completes_that_statement_only() -> None:
     assert shown(b" 10\ny = 2\n", around(b"x =")) == " 10"
     # a block opened at the cursor's line: its body, up to the next line at its level
     assert shown(b"\n    return 1\n\ndef g():\n", around(b"def f():")) == "\n    return 1"
+    # rules for a whole block: only a line indented less than the cursor's ends it
+    block = Rules(4, one_statement=False)
+    assert shown(b" 10\ny = 2\n  z\n", around(b"x ="), block) == " 10\ny = 2\n  z"
+    assert shown(b" 10\ny = 2\n", around(b"    x ="), block) == " 10"
 
 
 def test_a_closing_line_ends_the_block_and_is_included() -> None:
@@ -106,6 +110,8 @@ def test_only_punctuation_whitespace_or_too_short_is_skipped() -> None:
     for text in (b")\n", b"):\n", b"   \n\n", b"x", b""):
         assert shown(text, around(b"    "), ended=True) is None, text
     assert shown(b"x = 1", around(b"    "), ended=True) == "x = 1"
+    assert shown(b"x = 1", around(b"    "), Rules(4, min_chars=4), ended=True) is None  # 3 non-blank bytes
+    assert shown(b"x", around(b"    "), Rules(4, min_chars=1), ended=True) == "x"
 
 
 def test_stop_strings_lines_blank_lines_and_trailing_whitespace() -> None:

@@ -2,7 +2,7 @@
 against lsp-llm, its peers and the physical floor; measure suggestion
 quality; write results.json, a Markdown report and a PNG plot.
 
-Sections (all by default; --pace and --quality choose):
+Sections (all but --tune by default; --pace, --quality and --tune choose):
 
 * ``--pace typing``: keystrokes at a human pace (seeded pauses of 120-250 ms,
   400-900 ms at a new line, 1-2 s at a file switch), every engine on the same
@@ -14,7 +14,11 @@ Sections (all by default; --pace and --quality choose):
 * ``--quality``: inline suggestions (``textDocument/inlineCompletion``) at
   seeded cut points of stdlib files no test uses: next-line exact match, edit
   similarity, characters a simulated user saves; against llama-cpp-python's
-  ``create_completion`` (and llama-server ``/infill`` when installed).
+  ``create_completion`` (and llama-server ``/infill`` when installed);
+* ``--ghost``: ghost text latency at a typing pace (answers, type-through)
+  and how deep it gets where nothing was prepared;
+* ``--tune`` (only when asked for): the ghost text rule variants and context
+  sizes behind the defaults, at cut points of other stdlib files (``tuning``).
 
     lsp-llm bench --quick                   # every section, small (see --help for times)
     lsp-llm bench --quick --pace typing     # the typing-pace section only, small
@@ -39,17 +43,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import memory, quality, report, traces, typing_section
+from . import ghost, memory, quality, report, traces, tuning, typing_section
 from .engines import ENGINES, RawModel, Settings, find_llama_server
 
 QUICK = {"doc_tokens": 500, "keystrokes": 50, "sizes": [500, 2000], "sweep_keystrokes": 15,
          "naive_samples": 2, "n_ctx": 3072,
          "pace_keystrokes": 40, "switch_doc_tokens": 400, "switch_keystrokes": 40, "switch_every": 6,
-         "memory_tokens": 1000, "quality_files": 2, "quality_cuts": 4, "quality_chars": 24}
+         "memory_tokens": 1000, "quality_files": 2, "quality_cuts": 4, "quality_chars": 24,
+         "tune_cuts": 2, "tune_contexts": [4096], "ghost_lines": 2, "ghost_cuts": 2}
 FULL = {"doc_tokens": 2000, "keystrokes": 300, "sizes": [500, 2000, 4000, 8000], "sweep_keystrokes": 60,
         "naive_samples": 8, "n_ctx": 10240,
         "pace_keystrokes": 200, "switch_doc_tokens": 2000, "switch_keystrokes": 160, "switch_every": 8,
-        "memory_tokens": 2000, "quality_files": 4, "quality_cuts": 10, "quality_chars": 40}
+        "memory_tokens": 2000, "quality_files": 4, "quality_cuts": 10, "quality_chars": 40,
+        "tune_cuts": 10, "tune_contexts": [4096, 1024], "ghost_lines": 4, "ghost_cuts": 6}
 PACE_N_CTX = 4096  # the server's default: typing-pace runs and the memory table use it
 
 
@@ -73,9 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "--quality about 2; all three about 9")
     p.add_argument("--pace", choices=["typing", "back-to-back"],
                    help="run only this latency section: keystrokes at a human pace (and the memory table), "
-                   "or back to back (the stress case); default: both, and --quality")
+                   "or back to back (the stress case); default: both, --quality and --ghost")
     p.add_argument("--quality", action="store_true",
                    help="run the quality section (alone, unless --pace is given too)")
+    p.add_argument("--ghost", action="store_true",
+                   help="run the ghost text latency section (alone, unless another section is given too)")
+    p.add_argument("--ghost-lines", type=int, help="lines the --ghost section retypes in each file")
+    p.add_argument("--ghost-cuts", type=int, help="cut points per file where --ghost measures depth")
+    p.add_argument("--tune", action="store_true",
+                   help="measure ghost text rule variants and context sizes, to choose the defaults (alone, "
+                   "unless another section is given too); full: about 10 minutes")
+    p.add_argument("--tune-cuts", type=int, help="cut points per file in the --tune section")
     p.add_argument("--pace-keystrokes", type=int, help="keystrokes in the 3-file trace at typing pace")
     p.add_argument("--switch-keystrokes", type=int, help="keystrokes in the 8-file switching trace (0: none)")
     p.add_argument("--switch-doc-tokens", type=int, help="tokens before the cursor in each of the 8 files")
@@ -218,7 +232,11 @@ def sections(args: argparse.Namespace) -> set[str]:
         chosen.add(args.pace)
     if args.quality:
         chosen.add("quality")
-    return chosen or {"typing", "back-to-back", "quality"}
+    if args.ghost:
+        chosen.add("ghost")
+    if args.tune:
+        chosen.add("tune")
+    return chosen or {"typing", "back-to-back", "quality", "ghost"}
 
 
 def _setup(args: argparse.Namespace) -> Setup | int:
@@ -264,13 +282,17 @@ def run(args: argparse.Namespace) -> int:
                   "description": setup.vocab.description, "size_mb": setup.model_path.stat().st_size / 2**20}
     chosen = sections(args)
     results: dict = {"sections": sorted(chosen), "notes": [], "traces": [], "runs": [], "paced_traces": [],
-                     "paced_runs": [], "memory": [], "quality": None}
+                     "paced_runs": [], "memory": [], "quality": None, "ghost": None, "tuning": None}
     if "typing" in chosen:
         results.update(_typing_section(setup, results["notes"]))
     if "back-to-back" in chosen:
         results.update(_back_to_back_section(setup, results["notes"]))
     if "quality" in chosen:
         results["quality"] = _quality_section(setup)
+    if "ghost" in chosen:
+        results["ghost"] = _ghost_section(setup)
+    if "tune" in chosen:
+        results["tuning"] = _tuning_section(setup)
     setup.vocab.close()
     settings = setup.settings(setup.cfg["n_ctx"])
     results.update({
@@ -320,6 +342,8 @@ def _summarize(results: dict) -> None:
     for key in ("paced_traces", "paced_runs", "memory"):
         results.setdefault(key, [])
     results.setdefault("quality", None)
+    results.setdefault("ghost", None)
+    results.setdefault("tuning", None)
     results["summaries"] = [report.summarize(r) for r in results["runs"]]
     results["targets"] = report.evaluate_targets(results) if results["runs"] else []
     results["paced_summaries"] = [asdict(typing_section.summarize(r)) for r in results["paced_runs"]]
@@ -328,7 +352,9 @@ def _summarize(results: dict) -> None:
 def _markdown(results: dict, png: Path | None) -> str:
     first = typing_section.markdown(results["paced_traces"], results["paced_summaries"])
     first += memory.markdown([memory.MemoryRow(**r) for r in results["memory"]])
-    last = quality.markdown(results["quality"]) if results["quality"] else []
+    last = ghost.markdown(results["ghost"]) if results["ghost"] else []
+    last += quality.markdown(results["quality"]) if results["quality"] else []
+    last += tuning.markdown(results["tuning"]) if results["tuning"] else []
     return report.markdown(results, "bench.png" if png else None, first, last)
 
 
@@ -423,6 +449,22 @@ def _quality_section(setup: Setup) -> dict:
         _log(f"  quality {r['engine']:>22}: {r['status']} {r.get('reason') or ''} exact {r['exact']:.2f} "
              f"similarity {r['similarity']:.3f} saved {r['saved_ghost']:.2f} / {r['saved_both']}")
     return q
+
+
+def _ghost_section(setup: Setup) -> dict:
+    cfg = setup.cfg
+    _log(f"lsp-llm bench: ghost text, retyping {cfg['ghost_lines']} lines and at {cfg['ghost_cuts']} cut points "
+         f"in each of {', '.join(name for name, _ in ghost.GHOST_MODULES)}")
+    return ghost.run_section(setup.settings(PACE_N_CTX), cfg["ghost_lines"], cfg["ghost_cuts"], setup.args.seed)
+
+
+def _tuning_section(setup: Setup) -> dict:
+    cfg = setup.cfg
+    files = tuning.tuning_sources()
+    _log(f"lsp-llm bench: ghost text variants at {cfg['tune_cuts']} cut points in each of "
+         f"{', '.join(f.name for f in files)}, nCtx {', '.join(map(str, cfg['tune_contexts']))}")
+    return tuning.run_section(setup.model_path, setup.args.threads, files, cfg["tune_cuts"], setup.args.seed,
+                              setup.vocab.count, cfg["tune_contexts"])
 
 
 def _run_worker(job: dict, out: Path, timeout: float) -> dict:
