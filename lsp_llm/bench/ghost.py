@@ -12,9 +12,11 @@ answers at most 10 ms.
 
 **Depth where nothing was prepared.** At cut points right after a
 ``def ...:`` line (the cursor at the body's indentation, the body's first
-line removed) a fresh server reads the file, then the editor asks for ghost
-text and asks again every 250 ms with the same text, as a client polling
-would. When does the suggestion show its first line, and 4 lines
+line removed) a fresh server reads the text before the cut point (a
+completion request there, as an editor sends when the cursor arrives; the
+idle work it starts may prepare a few steps), the indentation is typed, and
+the editor asks for ghost text and asks again every 250 ms with the same
+text, as a client polling would. When does the suggestion show its first line, and 4 lines
 (``inlineLines`` 4 for this measurement)? Target: 4 lines within 1.5 s.
 """
 
@@ -59,6 +61,7 @@ class DepthRow:
     line: int  # the cut point (1-based)
     first_line_ms: float | None  # until the suggestion showed a line
     lines_ms: float | None  # until it showed DEPTH_LINES lines
+    ready_ms: float | None  # until it showed what it shows at the end (all of it: up to DEPTH_LINES lines)
     lines: int  # lines it showed at the end
 
 
@@ -126,25 +129,39 @@ async def depth(s: Settings, name: str, row: int) -> DepthRow:
     uri = f"file:///bench/ghost/depth/{name}"
     first: float | None = None
     deep: float | None = None
-    n = 0
+    seen: list[tuple[float, str]] = []  # (seconds, suggestion) at each answer
     try:
         bare = "\n".join([*lines[:row], "", *lines[row + 1 :]])
         editor.open(uri, bare)
-        await asyncio.wait_for(editor.complete(uri, bare, (0, 0)).future, s.timeout_s)  # the read
-        editor.change(uri, bare, (row, 0), (row, 0), indent)  # the last keystroke
+        # the text before the cut point is read (a completion there, as an editor sends when the cursor
+        # arrives; it starts idle work), then the indentation is typed: the last keystroke
+        await asyncio.wait_for(editor.complete(uri, bare, (row, 0)).future, s.timeout_s)
+        editor.change(uri, bare, (row, 0), (row, 0), indent)
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < DEPTH_S:
+        while time.perf_counter() - t0 < DEPTH_S and not _settled(seen):
             g = await _ghost(editor, uri, text, (row, len(indent)), s.timeout_s)
             elapsed = time.perf_counter() - t0
-            n = g.count("\n") + 1 if g.strip() else 0
-            first = elapsed if first is None and n else first
-            if n >= DEPTH_LINES:
+            seen.append((elapsed, g))
+            first = elapsed if first is None and g.strip() else first
+            if _lines(g) >= DEPTH_LINES:
                 deep = elapsed
                 break
             await asyncio.sleep(POLL_S)
     finally:
         await editor.stop()
-    return DepthRow(name, row + 1, _to_ms(first), _to_ms(deep), n)
+    final = seen[-1][1] if seen else ""
+    ready = next((x for x, g in seen if g == final), None) if final.strip() else None
+    return DepthRow(name, row + 1, _to_ms(first), _to_ms(deep), _to_ms(ready), _lines(final))
+
+
+def _lines(suggestion: str) -> int:
+    return suggestion.count("\n") + 1 if suggestion.strip() else 0
+
+
+def _settled(seen: list[tuple[float, str]], polls: int = 4) -> bool:
+    """The same suggestion (a shown one) in the last ``polls`` answers: it is complete."""
+    last = [g for _, g in seen[-polls:]]
+    return len(last) == polls and len(set(last)) == 1 and bool(last[0].strip())
 
 
 def _to_ms(seconds: float | None) -> float | None:
@@ -173,10 +190,14 @@ def markdown(g: dict) -> list[str]:
                    f"| {r.model} ({r.model_p50_ms:.1f}) |")
     deep = [DepthRow(**x) for x in g["depth"]]
     reached = [r for r in deep if r.lines_ms is not None]
-    out += ["", f"**Ghost text where nothing was prepared** (a function body's first line, the file just read; "
-            f"the editor asks every {POLL_S * 1000:.0f} ms; `inlineLines` {DEPTH_LINES}): "
+    out += ["", "**Ghost text where nothing was prepared** (a function body's first line, the text before it "
+            f"just read; the editor asks every {POLL_S * 1000:.0f} ms; `inlineLines` {DEPTH_LINES}): "
             f"{len(reached)} of {len(deep)} cut points reached {DEPTH_LINES} lines, "
-            f"{sum(r.lines_ms is not None and r.lines_ms <= 1500 for r in deep)} within 1.5 s", "",
-            f"| cut point | first line ms | {DEPTH_LINES} lines ms | lines at the end |", "|---|---:|---:|---:|"]
-    out += [f"| `{r.file}`:{r.line} | {_ms(r.first_line_ms)} | {_ms(r.lines_ms)} | {r.lines} |" for r in deep]
+            f"{sum(r.lines_ms is not None and r.lines_ms <= 1500 for r in deep)} within 1.5 s; the whole "
+            f"suggestion (up to {DEPTH_LINES} lines, the stop rules end the others) was shown within 1.5 s at "
+            f"{sum(r.ready_ms is not None and r.ready_ms <= 1500 for r in deep)}", "",
+            f"| cut point | first line ms | {DEPTH_LINES} lines ms | whole suggestion ms | lines |",
+            "|---|---:|---:|---:|---:|"]
+    out += [f"| `{r.file}`:{r.line} | {_ms(r.first_line_ms)} | {_ms(r.lines_ms)} | {_ms(r.ready_ms)} | {r.lines} |"
+            for r in deep]
     return out + [""]
