@@ -15,6 +15,7 @@ long for a read.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from typing import TypeVar
 
 from .engine import Engine, LongRead
 from .session import Cancelled
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Key = tuple[str, str]  # (document uri, kind of request)
@@ -36,6 +39,10 @@ class Ticket:
     deadline: float | None  # time.monotonic() after which a long read is left to the background
     cancel: threading.Event = field(default_factory=threading.Event)
     superseded: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+    def age_ms(self) -> float:
+        return (time.monotonic() - self.created) * 1000
 
     def should_stop(self) -> bool:
         return self.cancel.is_set()
@@ -73,6 +80,7 @@ class Latest:
             return None
         except Cancelled:
             if ticket.superseded:
+                log.debug("%s request for %s superseded after %.0f ms", key[1], key[0], ticket.age_ms())
                 return None
             raise asyncio.CancelledError() from None
         finally:

@@ -198,7 +198,13 @@ class Server(LanguageServer):
 
     def _answer(self, ask: Ask, ticket: Ticket) -> list[Candidate]:
         """Engine thread: the items, then idle work for the next keystrokes."""
+        started = ticket.age_ms()
         got = answer(self.engine, ask, ticket.should_stop, ticket.deadline)
+        st = self.engine.stats.get(ask.uri)
+        if st is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("completion for %s: %.0f ms (waited %.0f), fed %d, decoded %d rows, %d memo steps, %d items",
+                      ask.uri, ticket.age_ms(), started, st.fed_last, st.generated_last, st.memo_steps_last,
+                      len(got.candidates))
         if self.engine.exact_memo is not None:
             self.engine.prepare(ask.uri, "completion", next_keystrokes(self.engine, ask, got))
         return got.candidates
