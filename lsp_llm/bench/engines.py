@@ -537,11 +537,13 @@ class LlamaServerEngine(Engine):
 # -- lsp-llm ---------------------------------------------------------------------------------
 
 
-def server_command(s: Settings) -> list[str]:
-    """The command that starts the lsp-llm server with these settings."""
+def server_command(s: Settings, quiet: bool = False) -> list[str]:
+    """The command that starts the lsp-llm server with these settings;
+    ``quiet``: it logs warnings only, unless --server-cmd sets a log level."""
     cmd = list(s.server_cmd or [sys.executable, "-m", "lsp_llm"])
+    level = ["--log-level", "warning"] if quiet and "--log-level" not in cmd else []
     return cmd + ["--model", s.model, "--n-ctx", str(s.n_ctx), "--threads", str(s.threads),
-                  "--max-sessions", str(s.max_sessions)]
+                  "--max-sessions", str(s.max_sessions)] + level
 
 
 class LspLlmEngine(Engine):

@@ -79,7 +79,7 @@ async def typing(s: Settings, name: str, first: int, count: int, seed: int) -> T
     lines = read_source(stdlib_dir() / name)
     typed = "\n".join(lines[first : first + count])
     text = "\n".join([*lines[:first], "", *lines[first + count :]])
-    editor = await Editor.start(server_command(s) + ["--log-level", "warning"], {"readBudgetMs": 600000},
+    editor = await Editor.start(server_command(s, quiet=True), {"readBudgetMs": 600000},
                                 s.timeout_s)
     uri = f"file:///bench/ghost/{name}"
     keys = [Keystroke(0, (0, 0), (0, 0), ch, (0, 0), "enter" if ch == "\n" else "type") for ch in typed]
@@ -125,7 +125,7 @@ async def depth(s: Settings, name: str, row: int) -> DepthRow:
     indent = lines[row][: len(lines[row]) - len(lines[row].lstrip())]
     text = "\n".join([*lines[:row], indent, *lines[row + 1 :]])
     options = {"readBudgetMs": 600000, "inlineLines": DEPTH_LINES}
-    editor = await Editor.start(server_command(s) + ["--log-level", "warning"], options, s.timeout_s)
+    editor = await Editor.start(server_command(s, quiet=True), options, s.timeout_s)
     uri = f"file:///bench/ghost/depth/{name}"
     first: float | None = None
     deep: float | None = None

@@ -36,7 +36,7 @@ def head_text(path: Path, tokens: int, count: TokenCounter) -> str:
 
 async def measure(settings: Settings, texts: list[str]) -> tuple[int, int]:
     """Open texts in a fresh server, complete at the end of each; (RSS, peak) in bytes."""
-    editor = await Editor.start(server_command(settings) + ["--log-level", "warning"],
+    editor = await Editor.start(server_command(settings, quiet=True),
                                 {"lineTokens": settings.gen_tokens}, settings.timeout_s)
     try:
         for i, text in enumerate(texts):

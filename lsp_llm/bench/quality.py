@@ -307,7 +307,7 @@ class PrefixSuggester:
 async def run_lsp(settings: Settings, cuts: list[Cut], log: Path | None = None) -> list[CutResult]:
     # quality is about answers, not time: no answer may be cut short by a long read
     options = {"lineTokens": settings.gen_tokens, "inlineTokens": settings.gen_tokens, "readBudgetMs": 600000}
-    editor = await Editor.start(server_command(settings) + ["--log-level", "warning"], options,
+    editor = await Editor.start(server_command(settings, quiet=True), options,
                                 settings.timeout_s, log)
     out = []
     try:

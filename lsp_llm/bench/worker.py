@@ -157,7 +157,7 @@ def _paced_sync(engine, trace: Trace) -> dict:
 
 async def _paced_lsp(settings: Settings, trace: Trace) -> dict:
     log = Path(settings.out_dir) / "runs" / f"lsp-llm-server-{os.getpid()}.log"
-    editor = await Editor.start(server_command(settings) + ["--log-level", "warning"],
+    editor = await Editor.start(server_command(settings, quiet=True),
                                 {"lineTokens": settings.gen_tokens}, settings.timeout_s, log)
     try:
         await paced.open_documents(editor, trace, settings.timeout_s)
