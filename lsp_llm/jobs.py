@@ -75,6 +75,7 @@ class Latest:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:  # the client cancelled: stop the engine between decode calls
             ticket.cancel.set()
+            log.debug("%s request for %s cancelled by the client after %.0f ms", key[1], key[0], ticket.age_ms())
             raise
         except LongRead:
             return None

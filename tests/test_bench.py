@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lsp_llm.bench import main as bench_main
 from lsp_llm.bench import ghost, pace, paced, quality, report, traces, tuning
+from lsp_llm.bench import main as bench_main
 from lsp_llm.bench.lspclient import change_event, utf16_col
 from lsp_llm.bench.worker import sample_indices
 
