@@ -62,6 +62,7 @@ def serve(argv: list[str]) -> int:
         except ModelError as e:
             print(f"lsp-llm: {e}", file=sys.stderr)
             return 2
+    from . import stdio
     from .server import build
 
     server = build(settings)
@@ -72,7 +73,7 @@ def serve(argv: list[str]) -> int:
             server.start_tcp(args.host, args.port)
         else:
             log.info("serving LSP on stdio")
-            server.start_io()
+            stdio.serve(server)
     finally:
         server.engine.stop(timeout=1.0)
     return 0
