@@ -68,5 +68,5 @@ async def _serve_pipe(server: LanguageServer) -> None:
     except (ValueError, OSError) as e:  # "Pipe transport is only for pipes, sockets and character devices"
         raise _NotAPipe() from e
     server.protocol.set_writer(StdoutWriter(sys.stdout.buffer))
-    await run_async(stop_event=threading.Event(), reader=_PipeReader(reader), protocol=server.protocol, logger=log,
-                    error_handler=server.report_server_error)
+    await run_async(stop_event=threading.Event(), reader=_PipeReader(reader), protocol=server.protocol,
+                    error_handler=server.report_server_error)  # (pygls's logger for its own lines)
