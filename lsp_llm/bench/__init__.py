@@ -20,7 +20,7 @@ Sections (all but --tune by default; --pace, --quality and --tune choose):
 * ``--tune`` (only when asked for): the ghost text rule variants and context
   sizes behind the defaults, at cut points of other stdlib files (``tuning``).
 
-    lsp-llm bench --quick                   # every section, small (see --help for times)
+    lsp-llm bench --quick                   # every default section, small (see --help for times)
     lsp-llm bench --quick --pace typing     # the typing-pace section only, small
     lsp-llm bench --quick --quality         # the quality section only, small
     lsp-llm bench --readme README.md        # the full run; refresh the README's block and plot
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(ENGINES)} (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes: --pace typing about 4 minutes on 2 idle cores, --pace back-to-back about 3, "
-                   "--quality about 2; all three about 9")
+                   "--quality about 2, --ghost about 1; all four about 7")
     p.add_argument("--pace", choices=["typing", "back-to-back"],
                    help="run only this latency section: keystrokes at a human pace (and the memory table), "
                    "or back to back (the stress case); default: both, --quality and --ghost")
