@@ -152,6 +152,11 @@ def completion_items(result: Any) -> list[t.CompletionItem]:
     return list(result or [])
 
 
+def inline_text(item: t.InlineCompletionItem) -> str:
+    """What an inline item inserts (a plain string or a snippet's text)."""
+    return item.insert_text if isinstance(item.insert_text, str) else item.insert_text.value
+
+
 def inline_items(result: Any) -> list[t.InlineCompletionItem]:
     if isinstance(result, t.InlineCompletionList):
         return list(result.items)

@@ -26,13 +26,11 @@ import asyncio
 import time
 from dataclasses import asdict, dataclass
 
-from lsprotocol import types as t
-
 from . import pace
-from .editor import Editor, inline_items
+from .editor import Editor, inline_items, inline_text
 from .engines import Settings, server_command
 from .report import pct
-from .traces import Keystroke, read_source, stdlib_dir
+from .traces import Keystroke, apply_edit, read_source, stdlib_dir
 
 GHOST_MODULES = (("sched.py", 100), ("queue.py", 150))  # file, first line retyped
 POLL_S = 0.25  # a polling client asks again this often
@@ -65,13 +63,9 @@ class DepthRow:
     lines: int  # lines it showed at the end
 
 
-def _text(item: t.InlineCompletionItem) -> str:
-    return item.insert_text if isinstance(item.insert_text, str) else item.insert_text.value
-
-
 async def _ghost(editor: Editor, uri: str, text: str, pos: tuple[int, int], timeout: float) -> str:
     items = inline_items(await asyncio.wait_for(editor.inline(uri, text, pos).future, timeout))
-    return _text(items[0]) if items else ""
+    return inline_text(items[0]) if items else ""
 
 
 async def typing(s: Settings, name: str, first: int, count: int, seed: int) -> TypingRow:
@@ -91,15 +85,14 @@ async def typing(s: Settings, name: str, first: int, count: int, seed: int) -> T
         before = 0
         for ch, wait in zip(typed, pace.delays(keys, seed)):
             editor.change(uri, text, (row, col), (row, col), ch)
-            at = sum(len(x) + 1 for x in text.split("\n")[:row]) + col
-            text = text[:at] + ch + text[at:]
+            text = apply_edit(text, (row, col), (row, col), ch)
             row, col = (row + 1, 0) if ch == "\n" else (row, col + 1)
             t0 = time.perf_counter()
             inline = editor.inline(uri, text, (row, col))
             popup = editor.complete(uri, text, (row, col))
             items = inline_items(await asyncio.wait_for(inline.future, s.timeout_s))
             lat.append((time.perf_counter() - t0) * 1000)
-            ghost = _text(items[0]) if items else ""
+            ghost = inline_text(items[0]) if items else ""
             shown += bool(ghost.strip())
             now = (await editor.stats(uri)).get("inline", {}).get("type_through", 0) or 0
             kinds.append(now > before)

@@ -41,9 +41,9 @@ from typing import Any, Protocol
 
 from lsprotocol import types as t
 
-from .editor import Editor, completion_items, inline_items
+from .editor import Editor, completion_items, inline_items, inline_text
 from .engines import Settings, find_llama_server, load_llama, server_command
-from .traces import Pos, TokenCounter, offset_of, read_source, stdlib_dir
+from .traces import Pos, TokenCounter, offset_of, read_source, stdlib_files
 
 # stdlib modules that no test, the demo or a benchmark trace reads
 QUALITY_MODULES = ("graphlib.py", "cmd.py", "csv.py", "string.py", "glob.py", "netrc.py")
@@ -51,7 +51,7 @@ ENGINES = ("lsp-llm", "llama-cpp-python", "llama-server /infill")
 
 
 def quality_sources() -> list[Path]:
-    return [stdlib_dir() / m for m in QUALITY_MODULES if (stdlib_dir() / m).is_file()]
+    return stdlib_files(QUALITY_MODULES)
 
 
 @dataclass(frozen=True)
@@ -248,8 +248,7 @@ class LspSuggester:
         if not items:
             return ""
         item = items[0]
-        text = item.insert_text if isinstance(item.insert_text, str) else item.insert_text.value
-        return self._after_cursor(text, item.range)
+        return self._after_cursor(inline_text(item), item.range)
 
     async def popup(self) -> str:
         result = await asyncio.wait_for(self.editor.complete(self.uri, self.text or "", self.pos).future,

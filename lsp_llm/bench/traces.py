@@ -160,11 +160,15 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def stdlib_files(names: Sequence[str]) -> list[Path]:
+    """The named modules of this Python's standard library that exist here."""
+    return [stdlib_dir() / m for m in names if (stdlib_dir() / m).is_file()]
+
+
 def default_sources() -> list[Path]:
-    base = stdlib_dir()
-    found = [base / m for m in DEFAULT_MODULES if (base / m).is_file()]
+    found = stdlib_files(DEFAULT_MODULES)
     if len(found) < 3:
-        found += sorted(p for p in base.glob("*.py") if p.stat().st_size > 40_000 and p not in found)
+        found += sorted(p for p in stdlib_dir().glob("*.py") if p.stat().st_size > 40_000 and p not in found)
     return found
 
 

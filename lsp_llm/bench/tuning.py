@@ -37,7 +37,7 @@ from ..inline import Request, Rules, first_token, request_at, shape
 from ..lifecycle import load, n_ctx_for, vocab_of
 from ..model import Model
 from .quality import WORD, cut_points
-from .traces import TokenCounter, read_source, stdlib_dir
+from .traces import TokenCounter, read_source, stdlib_files
 
 # stdlib modules that no test, trace, demo or quality measurement reads
 TUNING_MODULES = ("shlex.py", "pprint.py", "calendar.py", "heapq.py", "tabnanny.py", "code.py")
@@ -47,7 +47,7 @@ RAW_LINES = 10
 
 
 def tuning_sources() -> list[Path]:
-    return [stdlib_dir() / m for m in TUNING_MODULES if (stdlib_dir() / m).is_file()]
+    return stdlib_files(TUNING_MODULES)
 
 
 @dataclass(frozen=True)
