@@ -23,7 +23,7 @@ Sections (all but --tune by default; --pace, --quality and --tune choose):
     lsp-llm bench --quick                   # every default section, small (see --help for times)
     lsp-llm bench --quick --pace typing     # the typing-pace section only, small
     lsp-llm bench --quick --quality         # the quality section only, small
-    lsp-llm bench --readme README.md        # the full run; refresh the README's block and plot
+    lsp-llm bench --readme docs/benchmarks.md  # the full run; refresh docs/benchmarks.md's block and plot
 
 Each engine runs each trace in a process of its own (``worker.py``).
 """
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=["py-spy", "pyinstrument"],
                    help="profile the lsp-llm server while it runs the traces (files in --out)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per engine and trace")
-    p.add_argument("--readme", type=Path, help="also write the table and plot into this README, between "
+    p.add_argument("--readme", type=Path, help="also write the table and plot into this Markdown file "
+                   "(docs/benchmarks.md; the plot goes beside it as bench.png), between "
                    f"{report.START} and {report.END}")
     p.add_argument("--strict", action="store_true", help="exit 3 when a measured target is missed")
     p.add_argument("--report-only", action="store_true",
