@@ -66,6 +66,23 @@ class Encoding(str, Enum):
             raise DocumentError(f"unsupported position encoding {value!r}") from None
 
 
+def encode(text: str) -> bytes:
+    """Text as document bytes. A lone surrogate (legal in a JSON string)
+    must not crash the mirror: it takes 3 bytes, as one code point."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def decode(data: bytes) -> str:
+    """Document bytes as text: the one decoding, the inverse of ``encode``
+    (a lone surrogate is one code point again, as the client counts it)."""
+    return data.decode("utf-8", "surrogatepass")
+
+
+def count(data: bytes, encoding: Encoding) -> int:
+    """The length of document bytes in the units of an LSP position encoding."""
+    return len(data) if encoding is Encoding.UTF8 else _units(decode(data), encoding)[-1]
+
+
 def _units(text: str, encoding: Encoding) -> list[int]:
     """Cumulative code-unit offsets of each code point boundary in text."""
     if encoding is Encoding.UTF16:
@@ -87,7 +104,7 @@ class Document:
         self.uri = uri
         self.version = version
         self.vocab = vocab
-        self.data = _encode(text)
+        self.data = encode(text)
         self._index_lines()
         # no tokens until a model is loaded (DocumentStore.set_vocab)
         self.mirror = TokenMirror(vocab.tokenize, vocab.piece, self.data) if vocab else None
@@ -114,24 +131,21 @@ class Document:
             while col > 0 and col < len(content) and (content[col] & 0xC0) == 0x80:
                 col -= 1  # inside a multi-byte character: snap to its start
             return start + col
-        text = content.decode("utf-8", "surrogateescape")
+        text = decode(content)
         units = _units(text, encoding)
         if character >= units[-1]:
             return start + len(content)
         lo = bisect_right(units, character) - 1  # the code point that starts at or before it
         if units[lo] != character:
             log.warning("%s: position (%d, %d) splits a character; using its start", self.uri, line, character)
-        return start + len(_encode(text[:lo]))
+        return start + len(encode(text[:lo]))
 
     def position(self, offset: int, encoding: Encoding) -> tuple[int, int]:
         offset = max(0, min(offset, len(self.data)))
         line = bisect_right(self.line_starts, offset) - 1
         start = self.line_starts[line]
         prefix = self.data[start:offset]
-        if encoding is Encoding.UTF8:
-            return line, len(prefix)
-        text = prefix.decode("utf-8", "surrogateescape")
-        return line, _units(text, encoding)[-1]
+        return line, count(prefix, encoding)
 
     def set_vocab(self, vocab: Vocab) -> None:
         """Re-tokenize with another model's vocabulary."""
@@ -140,7 +154,7 @@ class Document:
 
     # -- edits ----------------------------------------------------------------
     def replace(self, start: int, end: int, text: str) -> None:
-        new = _encode(text)
+        new = encode(text)
         self.data = self.data[:start] + new + self.data[end:]
         self._index_lines()
         if self.mirror is not None:
@@ -148,7 +162,7 @@ class Document:
         self.cursor = start + len(new)
 
     def replace_all(self, text: str) -> None:
-        self.data = _encode(text)
+        self.data = encode(text)
         self._index_lines()
         if self.mirror is not None:
             self.mirror.reset(self.data)
@@ -216,18 +230,11 @@ class Mirror:
 
     @classmethod
     def of(cls, doc: Document, encoding: Encoding) -> Mirror:
-        text = doc.data.decode("utf-8", "surrogatepass")
-        units = {"utf-8": len(doc.data), "utf-16": len(text.encode("utf-16-le", "surrogatepass")) // 2}
-        return cls(doc.uri, doc.version, len(doc.data), units.get(encoding.value, len(text)), encoding.value,
+        return cls(doc.uri, doc.version, len(doc.data), count(doc.data, encoding), encoding.value,
                    hashlib.sha256(doc.data).hexdigest(), doc.stale)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
-
-
-def _encode(text: str) -> bytes:
-    # lone surrogates (possible in JSON strings) must not crash the mirror
-    return text.encode("utf-8", "surrogatepass")
 
 
 class DocumentStore:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .after_cursor import CLOSERS, OPENERS, QUOTES, covered
 from .branches import extend
 from .config import Settings
 from .documents import Document
@@ -44,7 +45,6 @@ FIM_SESSION = "#fim"  # the FIM session of a document is keyed uri + this
 MAX_SUFFIX_BYTES = 4096  # the FIM suffix is bounded by lines and by this
 MIN_CHARS = 2  # a suggestion shows at least this many non-blank bytes
 MAX_LINE_SUFFIX = 8  # without FIM, no suggestion before more text than this on the line
-OPENERS, CLOSERS, QUOTES = b"([{", b")]}", b"'\"`"
 _WORDY = re.compile(rb"[A-Za-z0-9_\x80-\xff]")
 
 
@@ -226,7 +226,7 @@ def useful(text: bytes, min_chars: int = MIN_CHARS) -> bool:
 @dataclass(frozen=True)
 class Shape:
     text: str  # to insert at the cursor, with the document's line breaks
-    replace: bool  # it replaces the rest of the cursor's line (which it repeats)
+    covers: int  # bytes of the text after the cursor it replaces (``after_cursor.covered``)
 
 
 def shape(text: bytes, around: Around, rules: Rules, ended: bool, fim: bool = False) -> Shape | None:
@@ -241,16 +241,16 @@ def shape(text: bytes, around: Around, rules: Rules, ended: bool, fim: bool = Fa
     lines = [line.rstrip() for line in body.split(b"\n")]
     while len(lines) > 1 and not lines[-1].strip():
         lines.pop()
-    rest = around.rest_of_line.strip()
-    replace = bool(rest) and rest in lines[0]
-    if rest and not replace:
-        if len(rest) > MAX_LINE_SUFFIX and not fim:
+    covers = covered(lines[0], around.rest_of_line)
+    left = around.rest_of_line[covers:].strip()
+    if left:
+        if len(left) > MAX_LINE_SUFFIX and not fim:
             return None  # mid-line in code the model cannot see
         lines = lines[:1]  # a line break would push the rest of the line down
     out = (b"\r\n" if around.crlf else b"\n").join(lines)
     if not useful(out, rules.min_chars):
         return None
-    return Shape(out.decode("utf-8", "ignore"), replace)
+    return Shape(out.decode("utf-8", "ignore"), covers)
 
 
 # -- the engine job ---------------------------------------------------------------
@@ -288,7 +288,7 @@ class InlineStats:
 @dataclass(frozen=True)
 class Suggestion:
     text: str  # empty: nothing to show
-    replace: bool  # replaces the rest of the cursor's line
+    covers: int  # bytes of the text after the cursor it replaces
     complete: bool  # nothing more will come for this text
     stats: InlineStats = field(default_factory=InlineStats, compare=False)
 
@@ -428,7 +428,7 @@ def _shown(model: Model, path: list[int], req: Request, skip: int, stats: Inline
     ended = model.is_eog(path[-1])
     final = ended or len(path) >= req.max_tokens or scan(text.replace(b"\r\n", b"\n"), req.around, req.rules).final
     out = shape(text, req.around, req.rules, ended, req.fim)
-    return Suggestion(out.text if out else "", bool(out and out.replace), final, stats)
+    return Suggestion(out.text if out else "", out.covers if out else 0, final, stats)
 
 
 def extend_task(engine: Engine, req: Request, more_lines: int) -> Callable[[ShouldStop], None]:
@@ -466,7 +466,7 @@ class Shown:
     before: bytes  # the document before the cursor
     after: bytes  # the document after the cursor
     text: bytes  # the suggestion as inserted (document line breaks)
-    replace: bool
+    covers: int
     complete: bool
 
 
@@ -492,11 +492,11 @@ class Inline:
             return None
         if not data.startswith(shown.before) or data[offset:] != shown.after:
             return None
-        return Suggestion(shown.text[len(typed) :].decode("utf-8"), shown.replace, shown.complete)
+        return Suggestion(shown.text[len(typed) :].decode("utf-8"), shown.covers, shown.complete)
 
     def show(self, uri: str, before: bytes, after: bytes, suggestion: Suggestion) -> None:
         if suggestion.text:
-            self._shown[uri] = Shown(before, after, suggestion.text.encode("utf-8"), suggestion.replace,
+            self._shown[uri] = Shown(before, after, suggestion.text.encode("utf-8"), suggestion.covers,
                                      suggestion.complete)
         else:
             self._shown.pop(uri, None)

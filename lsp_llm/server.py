@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcInvalidParams, JsonRpcInvalidRequest
@@ -19,10 +19,11 @@ from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
 from . import __version__, lifecycle
+from .after_cursor import covered
 from .completion import Ask, Candidate, answer, from_memo, next_keystrokes
 from .config import Settings, apply_log_level
 from .default_model import cache_dir
-from .documents import Document, DocumentError, DocumentStore, Encoding
+from .documents import Document, DocumentError, DocumentStore, Encoding, count, decode, encode
 from .engine import Engine
 from .inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
 from .inline import Request as InlineRequest
@@ -37,6 +38,9 @@ DOCUMENT_COMMAND = "lsp-llm.document"
 SHUTDOWN_WAIT_S = 0.9  # at exit, how long the engine thread gets to wind down
 TRIGGERS = [".", "(", "[", ",", " ", "="]
 _DROPPED = object()  # a message answered with an error while parsing it
+AT_ARRIVAL = (t.TEXT_DOCUMENT_COMPLETION, t.TEXT_DOCUMENT_INLINE_COMPLETION)  # take their text when read
+MAX_ARRIVED = 64  # arrivals kept for requests whose handler has not run yet
+T = TypeVar("T")
 
 
 class Protocol(LanguageServerProtocol):
@@ -83,6 +87,8 @@ class Protocol(LanguageServerProtocol):
     def handle_message(self, message: Any) -> None:
         if message is _DROPPED:
             return
+        if getattr(message, "method", None) in AT_ARRIVAL and hasattr(message, "id") and not self._shutdown:
+            self._server.arrive(message.id, message.method, message.params)
         if self._shutdown and getattr(message, "method", t.EXIT) != t.EXIT and hasattr(message, "id") \
                 and hasattr(message, "method"):
             self._send_response(message.id, None,
@@ -106,6 +112,7 @@ class Server(LanguageServer):
         self.ready: asyncio.Future[bool] | None = None
         self._serving: Settings | None = None  # the settings the serving model was loaded with
         self._progress = ProgressReporter(self)
+        self._arrived: dict[Any, Arrival] = {}  # by request id, until its handler takes it
         self.engine.on_progress = self._progress.from_engine
 
     @property
@@ -167,34 +174,73 @@ class Server(LanguageServer):
         if not initial and any(getattr(new, k) != getattr(old, k) for k in Settings.RELOAD):
             self.ready = asyncio.ensure_future(self.load_model())
 
-    # -- completion -------------------------------------------------------------------
-    async def complete(self, uri: str, pos: t.Position) -> t.CompletionList:
-        """Items at pos. Everything the answer needs from the document is
-        taken before the first await: the document may change meanwhile."""
+    # -- requests see the text they were sent against -----------------------------
+    def arrive(self, msg_id: Any, method: str, params: Any) -> None:
+        """A completion request was read: take what it needs from its
+        document now, before the messages read after it (a didChange in the
+        same write) are applied. LSP handles messages in order."""
+        doc = self.store.docs.get(params.text_document.uri)
+        if doc is None:
+            return  # the handler says the document is unknown
+        if method == t.TEXT_DOCUMENT_INLINE_COMPLETION and not self.settings.inline:
+            return
+        prepare = self.completion_at if method == t.TEXT_DOCUMENT_COMPLETION else self.inline_at
+        if len(self._arrived) >= MAX_ARRIVED:  # requests that never ran (cancelled unstarted)
+            self._arrived.pop(next(iter(self._arrived)))
+        if self.engine.model is None:  # the first load: prepared when it ends, if the text has not changed
+            self._arrived[msg_id] = Arrival(doc.data, None)
+            return
+        try:
+            self._arrived[msg_id] = Arrival(doc.data, prepare(doc.uri, params.position))
+        except DocumentError as e:
+            self._arrived[msg_id] = Arrival(doc.data, e)
+
+    async def at_arrival(self, params: Any, prepare: Callable[[str, t.Position], T]) -> T | None:
+        """What a request took from its document when it was read (see
+        ``arrive``). None when the text changed while the first model loaded:
+        the request was about text that is gone."""
+        arrival = self._arrived.pop(self.protocol.msg_id, None)
+        if arrival is not None and arrival.prepared is not None:
+            if isinstance(arrival.prepared, DocumentError):
+                raise arrival.prepared
+            return arrival.prepared
         if not await self.wait_ready():
             raise DocumentError("no model is loaded (see the earlier error)")
+        uri = params.text_document.uri
+        if arrival is not None and self.store.get(uri).data is not arrival.data:
+            log.debug("%s: changed after a request that waited for the model; answered empty", uri)
+            return None
+        return prepare(uri, params.position)
+
+    # -- completion -------------------------------------------------------------------
+    def completion_at(self, uri: str, pos: t.Position) -> CompletionAt:
+        """Everything a completion at pos needs from the document (event loop)."""
         doc = self.store.trusted(uri)
         enc = self.encoding
         offset = doc.offset(pos.line, pos.character, enc)
         self.store.move_cursor(uri, offset)
         start = doc.word_start(offset)
-        rng = t.Range(_pos(doc, start, enc), _pos(doc, offset, enc))
-        partial = doc.data[start:offset].decode("utf-8", "replace")
         prompt, healed = doc.prompt(offset)
         s = self.settings
         ask = Ask(uri, prompt, healed, start < offset, s.items, s.line_tokens, quick=s.wait_for == "top")
+        return CompletionAt(ask, decode(doc.data[start:offset]), _pos(doc, start, enc), _pos(doc, offset, enc),
+                            _rest_of_line(doc.data, offset), enc)
+
+    async def complete(self, at: CompletionAt) -> t.CompletionList:
+        """Items for a completion taken from its document (``completion_at``)."""
+        ask, uri = at.ask, at.ask.uri
         got = from_memo(self.engine, ask)  # often all known: no engine job, no wait
         if got is not None:
             self.latest.supersede((uri, "completion"))
             self.engine.prepare(uri, "completion", next_keystrokes(self.engine, ask, got))
-            return _items(got.candidates, partial, rng)
+            return at.items(got.candidates)
         try:
             cands = await self.latest.run((uri, "completion"), lambda ticket: self._answer(ask, ticket),
-                                          s.read_budget_ms / 1000)
+                                          self.settings.read_budget_ms / 1000)
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
-        return _items(cands or [], partial, rng)
+        return at.items(cands or [])
 
     def _answer(self, ask: Ask, ticket: Ticket) -> list[Candidate]:
         """Engine thread: the items, then idle work for the next keystrokes."""
@@ -210,35 +256,33 @@ class Server(LanguageServer):
         return got.candidates
 
     # -- ghost text ---------------------------------------------------------------------
-    async def suggest_inline(self, uri: str, pos: t.Position) -> InlineAnswer | None:
-        """Ghost text at pos: from the type-through cache, else an engine job
-        (the newest request per document wins). Positions are taken before
-        any await: the document may change meanwhile."""
-        s = self.settings
-        if not s.inline:
-            return None
-        if not await self.wait_ready():
-            raise DocumentError("no model is loaded (see the earlier error)")
+    def inline_at(self, uri: str, pos: t.Position) -> InlineAt:
+        """Everything ghost text at pos needs from the document (event loop),
+        and the answer itself when type-through has it."""
         t0 = time.perf_counter()
         doc = self.store.trusted(uri)
         enc = self.encoding
         offset = doc.offset(pos.line, pos.character, enc)
         self.store.move_cursor(uri, offset)
-        end = doc.data.find(b"\n", offset)
-        rest = doc.data[offset : len(doc.data) if end < 0 else end].rstrip(b"\r")
-        here, rest_end = _pos(doc, offset, enc), _pos(doc, offset + len(rest.rstrip()), enc)
+        here, rest = _pos(doc, offset, enc), _rest_of_line(doc.data, offset)
+        req = request_at(doc, offset, self.settings, self.engine)
         hit = self.inline.type_through(uri, doc.data, offset)
         if hit is not None:
             st = self.inline.stats.setdefault(uri, hit.stats)
             st.type_through += 1
             st.type_through_ms = (time.perf_counter() - t0) * 1000
-            self._prepare_inline(request_at(doc, offset, s, self.engine))
-            return InlineAnswer(hit, here, rest_end)
-        req = request_at(doc, offset, s, self.engine)
-        before, after = doc.data[:offset], doc.data[offset:]
+            self._prepare_inline(req)
+        return InlineAt(req, here, rest, enc, doc.data[:offset], doc.data[offset:], hit)
+
+    async def suggest_inline(self, at: InlineAt) -> InlineAnswer | None:
+        """Ghost text: from the type-through cache, else an engine job (the
+        newest request per document wins)."""
+        if at.hit is not None:
+            return at.answer(at.hit)
+        uri = at.req.uri
         try:
-            found = await self.latest.run((uri, "inline"), lambda ticket: self._suggest(req, ticket),
-                                          s.read_budget_ms / 1000)
+            found = await self.latest.run((uri, "inline"), lambda ticket: self._suggest(at.req, ticket),
+                                          self.settings.read_budget_ms / 1000)
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
@@ -248,8 +292,8 @@ class Server(LanguageServer):
         if old is not None:
             found.stats.type_through = old.type_through
         self.inline.stats[uri] = found.stats
-        self.inline.show(uri, before, after, found)
-        return InlineAnswer(found, here, rest_end)
+        self.inline.show(uri, at.before, at.after, found)
+        return at.answer(found)
 
     def _suggest(self, req: InlineRequest, ticket: Ticket) -> Suggestion:
         """Engine thread: the suggestion, then idle work that extends it."""
@@ -264,14 +308,78 @@ class Server(LanguageServer):
 
 
 @dataclass(frozen=True)
+class Arrival:
+    """A completion request's document as it stood when the request was read."""
+
+    data: bytes  # the document's text (the same object until an edit)
+    prepared: CompletionAt | InlineAt | DocumentError | None  # None: no model yet
+
+
+def _rest_of_line(data: bytes, offset: int) -> bytes:
+    end = data.find(b"\n", offset)
+    return data[offset : len(data) if end < 0 else end].rstrip(b"\r")
+
+
+def _after(here: t.Position, rest: bytes, covers: int, enc: Encoding) -> t.Position:
+    """The position covers bytes into the rest of the cursor's line."""
+    return t.Position(here.line, here.character + count(rest[:covers], enc))
+
+
+@dataclass(frozen=True)
+class CompletionAt:
+    """A completion request, taken from its document: the ask, the partial
+    word the items replace, and the rest of the line they may cover."""
+
+    ask: Ask
+    partial: str
+    start: t.Position  # of the partial word
+    here: t.Position  # the cursor
+    rest: bytes  # the cursor's line after the cursor
+    encoding: Encoding
+
+    def items(self, cands: list[Candidate]) -> t.CompletionList:
+        return t.CompletionList(is_incomplete=True, items=[self._item(i, c) for i, c in enumerate(cands)])
+
+    def _item(self, rank: int, c: Candidate) -> t.CompletionItem:
+        new_text = self.partial + c.text
+        label = new_text.strip() or new_text
+        end = _after(self.here, self.rest, covered(encode(c.text), self.rest), self.encoding)
+        return t.CompletionItem(
+            label=label,
+            kind=t.CompletionItemKind.Snippet if c.whole_line else t.CompletionItemKind.Text,
+            detail=f"{c.probability:.1%}" + (" · to end of line" if c.whole_line else ""),
+            sort_text=f"{rank:03d}",
+            filter_text=new_text,
+            text_edit=t.TextEdit(range=t.Range(self.start, end), new_text=new_text),
+            insert_text_format=t.InsertTextFormat.PlainText,
+            data={"probability": c.probability},
+        )
+
+
+@dataclass(frozen=True)
+class InlineAt:
+    """A ghost text request, taken from its document."""
+
+    req: InlineRequest
+    here: t.Position  # the cursor
+    rest: bytes  # the cursor's line after the cursor
+    encoding: Encoding
+    before: bytes  # the document before the cursor
+    after: bytes  # and after it
+    hit: Suggestion | None  # the answer, from type-through
+
+    def answer(self, suggestion: Suggestion) -> InlineAnswer:
+        return InlineAnswer(suggestion, self.here, _after(self.here, self.rest, suggestion.covers, self.encoding))
+
+
+@dataclass(frozen=True)
 class InlineAnswer:
     suggestion: Suggestion
     here: t.Position  # the cursor
-    rest_end: t.Position  # the end of the text after the cursor on its line
+    end: t.Position  # the end of the text after the cursor that the suggestion replaces
 
     def item(self) -> t.InlineCompletionItem:
-        end = self.rest_end if self.suggestion.replace else self.here
-        return t.InlineCompletionItem(insert_text=self.suggestion.text, range=t.Range(self.here, end))
+        return t.InlineCompletionItem(insert_text=self.suggestion.text, range=t.Range(self.here, self.end))
 
 
 def build(settings: Settings) -> Server:
@@ -323,15 +431,19 @@ def build(settings: Settings) -> Server:
     @server.feature(t.TEXT_DOCUMENT_COMPLETION, t.CompletionOptions(trigger_characters=TRIGGERS))
     async def completion(ls: Server, params: t.CompletionParams) -> t.CompletionList:
         try:
-            return await ls.complete(params.text_document.uri, params.position)
+            at = await ls.at_arrival(params, ls.completion_at)
+            return await ls.complete(at) if at is not None else t.CompletionList(is_incomplete=True, items=[])
         except DocumentError as e:
             log.warning("completion: %s", e)
             return t.CompletionList(is_incomplete=True, items=[])
 
     @server.feature(t.TEXT_DOCUMENT_INLINE_COMPLETION, t.InlineCompletionOptions())
     async def inline_completion(ls: Server, params: t.InlineCompletionParams) -> t.InlineCompletionList:
+        if not ls.settings.inline:
+            return t.InlineCompletionList(items=[])
         try:
-            answer = await ls.suggest_inline(params.text_document.uri, params.position)
+            at = await ls.at_arrival(params, ls.inline_at)
+            answer = await ls.suggest_inline(at) if at is not None else None
         except DocumentError as e:
             log.warning("inline completion: %s", e)
             return t.InlineCompletionList(items=[])
@@ -387,22 +499,3 @@ def _guard(fn: Any) -> None:
 def _pos(doc: Document, offset: int, enc: Encoding) -> t.Position:
     line, ch = doc.position(offset, enc)
     return t.Position(line=line, character=ch)
-
-
-def _items(cands: list[Candidate], partial: str, rng: t.Range) -> t.CompletionList:
-    return t.CompletionList(is_incomplete=True, items=[_item(i, partial, c, rng) for i, c in enumerate(cands)])
-
-
-def _item(rank: int, partial: str, c: Candidate, rng: t.Range) -> t.CompletionItem:
-    new_text = partial + c.text
-    label = new_text.strip() or new_text
-    return t.CompletionItem(
-        label=label,
-        kind=t.CompletionItemKind.Snippet if c.whole_line else t.CompletionItemKind.Text,
-        detail=f"{c.probability:.1%}" + (" · to end of line" if c.whole_line else ""),
-        sort_text=f"{rank:03d}",
-        filter_text=new_text,
-        text_edit=t.TextEdit(range=rng, new_text=new_text),
-        insert_text_format=t.InsertTextFormat.PlainText,
-        data={"probability": c.probability},
-    )

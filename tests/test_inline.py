@@ -89,12 +89,14 @@ def test_a_line_already_after_the_cursor_is_not_repeated() -> None:
 
 def test_the_rest_of_the_line_is_replaced_when_the_suggestion_repeats_it() -> None:
     out = shape(b"'hi')\n", around(b"print(", rest=b")"), FOUR, False)
-    assert out is not None and out.text == "'hi')" and out.replace
+    assert out is not None and out.text == "'hi')" and out.covers == 1
     out = shape(b"'hi', end='')\n", around(b"print(", rest=b")"), FOUR, False)
-    assert out is not None and out.replace  # the rest is inside the first line
+    assert out is not None and out.covers == 1  # the suggestion closes the pair the editor closed
+    out = shape(b"a, b)\n", around(b"f(", rest=b"b)  "), FOUR, False)
+    assert out is not None and out.covers == 2  # the rest is inside the first line
     # otherwise it is inserted before the rest, on one line only
     out = shape(b"'hi'\n    x = 1\n", around(b"    print(", rest=b")"), FOUR, False)
-    assert out is not None and out.text == "'hi'" and not out.replace
+    assert out is not None and out.text == "'hi'" and not out.covers
     # mid-line in code the model cannot see (no FIM): nothing
     assert shape(b"a, b\n", around(b"x = f(", rest=b"value, other)"), FOUR, False) is None
     assert shape(b"a, b\n", around(b"x = f(", rest=b"value, other)"), FOUR, False, fim=True) is not None
