@@ -175,6 +175,7 @@ class Engine:
         self._running: _Job | None = None
         self._cond = threading.Condition()
         self._stopping = False
+        self._idle_running = False
         self._thread = threading.Thread(target=self._run, name="lsp-llm-engine", daemon=True)
         self._thread.start()
 
@@ -275,6 +276,11 @@ class Engine:
 
     def _request_waits(self) -> bool:
         return bool(self._jobs) or self._stopping
+
+    def _idle_interrupted(self) -> bool:
+        """Inside llama_decode (the sessions' abort callback): idle work
+        stops midway when a request waits."""
+        return self._idle_running and self._request_waits()
 
     def fit(self, target: list[int]) -> list[int]:
         """The target as a session holds it (windowed to the context)."""
@@ -440,7 +446,7 @@ class Engine:
 
         t0, rows0 = time.perf_counter(), Session.decoded_rows
         self.memo.preparing = True
-        Session.interrupt = self._request_waits  # a request stops even a decode call midway
+        self._idle_running = True  # a request stops even a decode call midway
         try:
             work.task(preempted)
             done = True
@@ -450,7 +456,7 @@ class Engine:
             log.exception("%s: idle work failed", work.uri)
             done = True
         finally:
-            Session.interrupt = None
+            self._idle_running = False
             self.memo.preparing = False
             self.idle_ms_total += (time.perf_counter() - t0) * 1000
             self.idle_rows_total += Session.decoded_rows - rows0
@@ -475,7 +481,7 @@ class Engine:
             log.debug("evicting the session of %s for %s", old_uri, uri)
             self._save(old_uri, s)
         else:
-            s = Session(self.model, self.n_ctx, self.n_branches)
+            s = Session(self.model, self.n_ctx, self.n_branches, self._idle_interrupted)
         self.sessions[uri] = s
         saved = self.saved.pop(uri, None)
         if saved is not None and s.restore(saved):

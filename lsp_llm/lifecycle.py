@@ -3,9 +3,10 @@ as one step.
 
 The old and the new vocabulary must never meet:
 
-1. ``load`` runs on the engine thread. The old model keeps serving
-   meanwhile; if loading or calibration fails, the new model is freed and
-   the old one stays.
+1. ``load`` runs on a thread of its own (``load_beside``), beside the engine
+   thread: the old model keeps serving requests meanwhile, with the cores
+   shared. If loading or calibration fails, the new model is freed and the
+   old one stays.
 2. ``swap`` runs on the event loop, in one step (no await): every document is
    re-tokenized with the new vocabulary (the old model is still alive), and
    the engine is told to switch once the jobs already queued have run (their
@@ -17,6 +18,7 @@ The old and the new vocabulary must never meet:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,9 +32,25 @@ from .model import BatchRule, Model
 Calibrate = Callable[[Model, Path | None], BatchRule]
 
 
+def load_beside(s: Settings, cache: Path | None) -> Future[Model]:
+    """``load`` on a daemon thread of its own (an unfinished load never holds
+    up the process's exit)."""
+    fut: Future[Model] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(load(s, cache))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting server
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="lsp-llm-load", daemon=True).start()
+    return fut
+
+
 def load(s: Settings, cache: Path | None, calibrate: Calibrate | None = None) -> Model:
-    """Engine thread: load and calibrate the model the settings name. On
-    failure the new model is freed and the error raised."""
+    """Load and calibrate the model the settings name (any thread: it shares
+    nothing with the serving model). On failure the new model is freed and
+    the error raised."""
     if calibrate is None:
         from .calibrate import calibrate
     model = Model(Path(s.model) if s.model else default_model_path(), threads=s.threads)

@@ -109,6 +109,7 @@ class Server(LanguageServer):
         self.inline = Inline()
         self.store = DocumentStore(None, self.engine)
         self.model_name = "(loading)"
+        self.loading: str | None = None  # the model being loaded beside the serving one
         self.ready: asyncio.Future[bool] | None = None
         self._serving: Settings | None = None  # the settings the serving model was loaded with
         self._progress = ProgressReporter(self)
@@ -132,10 +133,14 @@ class Server(LanguageServer):
         reload keeps the old model serving."""
         s = self.settings
         title = "lsp-llm: loading " + (Path(s.model).name if s.model else "the default model")
-        loading = asyncio.wrap_future(self.engine.submit(lambda: lifecycle.load(s, cache_dir())))
-        async with self._progress.task(title):  # the load runs meanwhile
+        self.loading = Path(s.model).name if s.model else "the default model"
+        loading = asyncio.wrap_future(lifecycle.load_beside(s, cache_dir()))  # the old model serves meanwhile
+        async with self._progress.task(title):
             try:
-                model = await loading
+                try:
+                    model = await loading
+                finally:
+                    self.loading = None
                 await asyncio.wrap_future(lifecycle.swap(self.store, self.engine, model, lifecycle.n_ctx_for(s, model)))
             except Exception as e:  # ModelError and llama.cpp failures alike
                 return self._load_failed(e)
@@ -463,6 +468,7 @@ def build(settings: Settings) -> Server:
             return out
         return {
             "model": ls.model_name,
+            "loading": ls.loading,
             "n_ctx": ls.engine.n_ctx,
             "batch_rule": str(ls.engine.model.batch_rule) if ls.engine.model else None,
             "decode_ms_total": round(ls.engine.decode_ms_total, 3),

@@ -92,21 +92,22 @@ class Session:
     """One context, one document sequence (seq 0) plus branch sequences used
     while extending completion candidates."""
 
-    decode_seconds = 0.0  # time inside llama_decode, all sessions (engine thread only)
-    # set by the engine while idle work runs: whether a request waits (checked
-    # inside llama_decode, so it must be cheap and must not raise)
-    interrupt: Callable[[], bool] | None = None
-    decoded_rows = 0  # rows decoded, padding included, all sessions (engine thread only)
+    decode_seconds = 0.0  # time inside llama_decode, all sessions
+    decoded_rows = 0  # rows decoded, padding included, all sessions
 
-    def __init__(self, model: Model, n_ctx: int, n_branches: int) -> None:
+    def __init__(self, model: Model, n_ctx: int, n_branches: int,
+                 interrupt: Callable[[], bool] | None = None) -> None:
         self.model = model
         self.n_ctx = n_ctx
         self.n_branches = n_branches
+        # the engine's: whether a call should stop midway (idle work when a
+        # request waits); checked inside llama_decode, so cheap and never raising
+        self.interrupt = interrupt
         self.rows = model.n_ubatch
         self.batch = llama.llama_batch_init(self.rows, 0, n_branches + 1)
         # llama.cpp asks this between graph nodes: a call for idle work stops
         # within a millisecond or two when a request arrives (see ``decode``)
-        self._abort = llama.ggml_abort_callback(lambda _data: Session._interrupted())
+        self._abort = llama.ggml_abort_callback(lambda _data: self._interrupted())
         self._open(min(n_ctx, GROW_CELLS))
         self.tokens: list[int] = []
         self.logits: np.ndarray | None = None
@@ -125,10 +126,8 @@ class Session:
         rows = min(self.rows, BRANCH_ROWS)
         return rows - rows % self.rule.multiple
 
-    @staticmethod
-    def _interrupted() -> bool:
-        check = Session.interrupt
-        return check is not None and check()
+    def _interrupted(self) -> bool:
+        return self.interrupt is not None and self.interrupt()
 
     def close(self) -> None:
         if self.ctx:

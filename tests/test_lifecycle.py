@@ -259,3 +259,37 @@ async def test_shutdown_under_load_answers_within_a_second(tiny_model_path: Path
         assert await asyncio.wait_for(proc.wait(), 10) == 0
     finally:
         await server.stop()
+
+
+async def test_a_reload_loads_beside_the_serving_model(default_model_file: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LSP_LLM_CACHE", str(tmp_path))  # nothing calibrated: each load takes seconds
+    server = StdioServer(server_command(str(default_model_file)))
+    try:
+        await server.start(CAPS, {"waitFor": "all"})
+        for _ in range(1200):  # the first load calibrates too
+            if (await server.command("lsp-llm.stats"))["model"] != "(loading)":
+                break
+            await asyncio.sleep(0.1)
+        uri = "file:///tmp/reload.py"
+        opened(server, uri, "import os\n\n\ndef walk(root):\n    for name in os.listdir(root):\n        pri")
+        await items_eventually(server, uri, 5, 11)
+        server.client.workspace_did_change_configuration(t.DidChangeConfigurationParams(
+            settings={"lsp-llm": {"threads": 1}}))  # a reload, and a new calibration
+        for _ in range(200):
+            if (await server.command("lsp-llm.stats"))["loading"]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the reload never started")
+        # a completion that needs the engine (another line), answered while the new model loads
+        assert (await complete(server, uri, 4, 8)).items
+        assert (await server.command("lsp-llm.stats"))["loading"], "answered only after the load"
+        for _ in range(600):  # then the new model serves
+            if not (await server.command("lsp-llm.stats"))["loading"]:
+                break
+            await asyncio.sleep(0.05)
+        assert await items_eventually(server, uri, 5, 11)
+        assert not [m.message for m in server.recorded.messages if m.type == t.MessageType.Error]
+    finally:
+        await server.stop()

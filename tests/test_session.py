@@ -159,20 +159,20 @@ def test_an_interrupted_call_leaves_no_cells_and_the_session_exact(tiny: Model) 
 
     try:
         s.sync(target[:-40])
-        Session.interrupt = midway
+        s.interrupt = midway
         with pytest.raises(Cancelled):
             s.sync(target)  # a feed, stopped inside its call
         asked.clear()
         with pytest.raises(Cancelled):
             extend(s, [int(np.argmax(s.logits))] * 1 + [5, 6], lambda i, t: False, [6, 6, 6])
-        Session.interrupt = None
+        s.interrupt = None
         assert s.tokens == target[:-40]
         assert llama.llama_memory_seq_pos_max(s.mem, 0) == len(target) - 41  # nothing past the document
         assert all(llama.llama_memory_seq_pos_max(s.mem, q) == -1 for q in range(1, 5))
         s.sync(target)
         assert np.array_equal(s.logits, fresh_logits(tiny, target))
     finally:
-        Session.interrupt = None
+        s.interrupt = None
         s.close()
 
 
