@@ -55,15 +55,15 @@ def serve(argv: list[str]) -> int:
             print(f"lsp-llm: {e}", file=sys.stderr)
         return 2
     if settings.model:
-        from .model import ModelError, check_gguf
+        from .engine.model import ModelError, check_gguf
 
         try:
             check_gguf(Path(settings.model))
         except ModelError as e:
             print(f"lsp-llm: {e}", file=sys.stderr)
             return 2
-    from . import stdio
-    from .server import build
+    from .lsp import stdio
+    from .lsp.server import build
 
     server = build(settings)
     log = logging.getLogger("lsp_llm")
@@ -82,15 +82,15 @@ def serve(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        from .demo import main as demo
+        from .tools.demo import main as demo
 
         return demo(argv[1:])
     if argv and argv[0] == "bench":
-        from .bench import main as bench
+        from .tools.bench import main as bench
 
         return bench(argv[1:])
     if argv and argv[0] == "soak":
-        from .soak import main as soak
+        from .tools.soak import main as soak
 
         return soak(argv[1:])
     if argv and argv[0] == "serve":

@@ -14,10 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_model  # noqa: E402
 
-from lsp_llm.calibrate import calibrate  # noqa: E402
-from lsp_llm.default_model import cache_dir, default_model_path  # noqa: E402
-from lsp_llm.engine import Engine  # noqa: E402
-from lsp_llm.model import Model  # noqa: E402
+from lsp_llm.engine.calibrate import calibrate  # noqa: E402
+from lsp_llm.engine.default_model import cache_dir, default_model_path  # noqa: E402
+from lsp_llm.engine.model import Model  # noqa: E402
+from lsp_llm.engine.scheduler import Engine  # noqa: E402
 
 THREADS = 2
 

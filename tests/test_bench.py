@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lsp_llm.bench import ghost, pace, paced, quality, report, traces, tuning
-from lsp_llm.bench import main as bench_main
-from lsp_llm.bench.lspclient import change_event, utf16_col
-from lsp_llm.bench.worker import sample_indices
+from lsp_llm.tools.bench import ghost, pace, paced, quality, report, traces, tuning
+from lsp_llm.tools.bench import main as bench_main
+from lsp_llm.tools.bench.lspclient import change_event, utf16_col
+from lsp_llm.tools.bench.worker import sample_indices
 
 SOURCES = traces.default_sources()[:3]
 

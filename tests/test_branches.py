@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_session import BASE, fresh_logits
 
-from lsp_llm.branches import DraftIndex, Spare, extend
-from lsp_llm.greedy import GreedyMemo
-from lsp_llm.model import Model
-from lsp_llm.session import Session
+from lsp_llm.engine.branches import DraftIndex, Spare, extend
+from lsp_llm.engine.greedy import GreedyMemo
+from lsp_llm.engine.model import Model
+from lsp_llm.engine.session import Session
 
 
 def long_text(i: int, text: bytes) -> bool:

@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from lsp_llm.completion import candidates, line_end, top_tokens, word_end
-from lsp_llm.documents import Document, Vocab
-from lsp_llm.engine import Engine
-from lsp_llm.model import Model
+from lsp_llm.engine.model import Model
+from lsp_llm.engine.scheduler import Engine
+from lsp_llm.features.completion import candidates, line_end, top_tokens, word_end
+from lsp_llm.text.documents import Document, Vocab
 
 
 @pytest.mark.parametrize(("text", "mid", "end"), [
@@ -66,7 +66,7 @@ def test_line_tokens_zero_means_no_line_item(engine: Engine, tiny: Model) -> Non
 
 
 def test_an_answer_from_the_memo_equals_the_engine_s_wherever_the_session_is(engine: Engine, tiny: Model) -> None:
-    from lsp_llm.completion import Ask, answer, from_memo
+    from lsp_llm.features.completion import Ask, answer, from_memo
 
     vocab = Vocab(lambda b: tiny.tokenize(b, add_bos=False), tiny.piece, tiny.bos)
     asks = []
@@ -87,7 +87,7 @@ def test_a_quick_answer_shows_only_finished_items_and_idle_work_completes_it(tin
     answer's, in order; once the full ask ran, the quick one is complete."""
     from dataclasses import replace
 
-    from lsp_llm.completion import Answer, Ask, answer, from_memo
+    from lsp_llm.features.completion import Answer, Ask, answer, from_memo
 
     def run(e: Engine, ask: Ask) -> Answer:
         return e.submit(lambda: answer(e, ask)).result()

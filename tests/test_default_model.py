@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lsp_llm.calibrate import SAMPLE, branches_hold, rule_holds
-from lsp_llm.completion import Ask, answer, from_memo, next_keystrokes
-from lsp_llm.documents import Document, Vocab
-from lsp_llm.engine import Engine
-from lsp_llm.model import Model
-from lsp_llm.session import Session
+from lsp_llm.engine.calibrate import SAMPLE, branches_hold, rule_holds
+from lsp_llm.engine.model import Model
+from lsp_llm.engine.scheduler import Engine
+from lsp_llm.engine.session import Session
+from lsp_llm.features.completion import Ask, answer, from_memo, next_keystrokes
+from lsp_llm.text.documents import Document, Vocab
 
 SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "sched.py"
 

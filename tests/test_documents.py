@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lsp_llm.documents import Document, DocumentError, DocumentStore, Encoding, Vocab
-from lsp_llm.model import Model
+from lsp_llm.engine.model import Model
+from lsp_llm.text.documents import Document, DocumentError, DocumentStore, Encoding, Vocab
 
 TEXT = "a = '🦀é'\r\nb = 2\nlast"
 

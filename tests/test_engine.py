@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from lsp_llm.branches import extend
-from lsp_llm.engine import Engine, window
-from lsp_llm.greedy import GreedyMemo
-from lsp_llm.model import Model
-from lsp_llm.session import Cancelled, Session
+from lsp_llm.engine.branches import extend
+from lsp_llm.engine.greedy import GreedyMemo
+from lsp_llm.engine.model import Model
+from lsp_llm.engine.scheduler import Engine, window
+from lsp_llm.engine.session import Cancelled, Session
 
 TEXT = b"def crab(x):\n    return x + 1\n\n" * 40
 

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 
-from lsp_llm.editor_text import EditorText
-from lsp_llm.stdio_client import StdioServer, server_command
+from lsp_llm.tools.client import StdioServer, server_command
+from lsp_llm.tools.editor_text import EditorText
 
 T = TypeVar("T")
 OFFERS = {"none": None, "utf-8": ["utf-8"], "utf-16": ["utf-16"], "utf-32": ["utf-32"],

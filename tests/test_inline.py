@@ -16,9 +16,10 @@ from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 from test_session import BASE
 
 from lsp_llm.config import Settings
-from lsp_llm.documents import Document, Vocab
-from lsp_llm.engine import Engine
-from lsp_llm.inline import (
+from lsp_llm.engine.model import FimTokens, Model
+from lsp_llm.engine.scheduler import Engine
+from lsp_llm.engine.session import Cancelled
+from lsp_llm.features.inline import (
     FIM_SESSION,
     Around,
     Inline,
@@ -32,8 +33,7 @@ from lsp_llm.inline import (
     shape,
     suggest,
 )
-from lsp_llm.model import FimTokens, Model
-from lsp_llm.session import Cancelled
+from lsp_llm.text.documents import Document, Vocab
 
 FOUR = Rules(lines=4)
 

@@ -14,12 +14,12 @@ import pytest
 from lsprotocol import types as t
 from test_engine import TEXT
 
-from lsp_llm import lifecycle
 from lsp_llm.config import Settings
-from lsp_llm.documents import DocumentError, DocumentStore, Encoding
-from lsp_llm.engine import PROGRESS_MIN_TOKENS, Engine
-from lsp_llm.model import Model, ModelError
-from lsp_llm.stdio_client import StdioServer, server_command
+from lsp_llm.engine.model import Model, ModelError
+from lsp_llm.engine.scheduler import PROGRESS_MIN_TOKENS, Engine
+from lsp_llm.lsp import lifecycle
+from lsp_llm.text.documents import DocumentError, DocumentStore, Encoding
+from lsp_llm.tools.client import StdioServer, server_command
 
 CAPS = t.ClientCapabilities(window=t.WindowClientCapabilities(work_done_progress=True))
 

@@ -11,7 +11,7 @@ import pytest_lsp
 from lsprotocol import types as t
 from pytest_lsp import ClientServerConfig, LanguageClient, client_capabilities
 
-from lsp_llm.documents import DocumentError, Encoding
+from lsp_llm.text.documents import DocumentError, Encoding
 
 SERVER = [sys.executable, "-m", "lsp_llm", "--threads", "2"]
 K = t.PositionEncodingKind

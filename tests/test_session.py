@@ -10,8 +10,8 @@ import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lsp_llm.model import BatchRule, Model
-from lsp_llm.session import Session, common_prefix
+from lsp_llm.engine.model import BatchRule, Model
+from lsp_llm.engine.session import Session, common_prefix
 
 BASE = (
     "def walk(crab, steps):\n    for i in range(steps):\n        crab.x += 1\n"
@@ -146,8 +146,8 @@ def test_probes_in_the_padding_learn_the_next_step_exactly(tiny: Model, probes: 
 
 
 def test_an_interrupted_call_leaves_no_cells_and_the_session_exact(tiny: Model) -> None:
-    from lsp_llm.branches import extend
-    from lsp_llm.session import Cancelled
+    from lsp_llm.engine.branches import extend
+    from lsp_llm.engine.session import Cancelled
 
     target = tiny.tokenize(BASE.encode(), True)
     s = Session(tiny, n_ctx=1024, n_branches=4)
@@ -201,7 +201,7 @@ def test_a_context_sized_to_its_document_grows_exactly(tiny: Model) -> None:
     """A context starts at the document's size and grows as the text before
     the cursor does (the sequence moves to a bigger context, see
     ``Session._resize``); logits stay those of a fresh run."""
-    from lsp_llm.session import GROW_CELLS
+    from lsp_llm.engine.session import GROW_CELLS
 
     doc = tiny.tokenize((BASE * 20).encode(), True)
     assert len(doc) > 2 * GROW_CELLS

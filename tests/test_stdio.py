@@ -1,4 +1,4 @@
-"""The stdio transport (``lsp_llm.stdio``): a pipe is read by asyncio with no
+"""The stdio transport (``lsp_llm.lsp.stdio``): a pipe is read by asyncio with no
 thread hop, any other stdin by pygls's reader; the end of input, even in the
 middle of a message, ends the server."""
 

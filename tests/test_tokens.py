@@ -7,8 +7,8 @@ from itertools import accumulate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lsp_llm.model import Model
-from lsp_llm.tokens import TokenMirror
+from lsp_llm.engine.model import Model
+from lsp_llm.text.tokens import TokenMirror
 
 CODE = (
     "import os\n\ndef crab(x):\n    return x +  1  # a crab walks\n"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from lsp_llm.after_cursor import covered
+from lsp_llm.features.after_cursor import covered
 
 SERVER = [sys.executable, "-m", "lsp_llm", "--threads", "2"]
 OPTIONS = {"waitFor": "all", "readBudgetMs": 60000}  # every item, after the read

@@ -114,6 +114,6 @@ def build(out: Path, source: Path, seed: int = 0, fim: bool = False) -> Path:
 
 
 if __name__ == "__main__":
-    from lsp_llm.default_model import default_model_path
+    from lsp_llm.engine.default_model import default_model_path
 
     print(build(Path(sys.argv[1]), default_model_path()))

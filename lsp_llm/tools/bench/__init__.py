@@ -253,7 +253,7 @@ def _setup(args: argparse.Namespace) -> Setup | int:
     if args.model:
         model_path = Path(args.model)
     else:
-        from lsp_llm.default_model import default_model_path
+        from lsp_llm.engine.default_model import default_model_path
 
         model_path = default_model_path()
     if not model_path.is_file():
@@ -478,7 +478,7 @@ def _run_worker(job: dict, out: Path, timeout: float) -> dict:
     base = {"engine": job["engine"], "trace": json.loads(Path(job["trace"]).read_text())["name"], "keys": []}
     with log_path.open("wb") as log:
         # a session of its own, so a timeout can end the worker and its servers together
-        proc = subprocess.Popen([sys.executable, "-m", "lsp_llm.bench.worker", str(job_path), str(res_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "lsp_llm.tools.bench.worker", str(job_path), str(res_path)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout)

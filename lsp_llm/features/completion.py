@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .branches import Rides, Spare, extend, item_limits, walk_memo
-from .engine import DocStats, Engine, IdleTask
-from .greedy import GreedyMemo
-from .session import Session, ShouldStop
+from ..engine.branches import Rides, Spare, extend, item_limits, walk_memo
+from ..engine.greedy import GreedyMemo
+from ..engine.scheduler import DocStats, Engine, IdleTask
+from ..engine.session import Session, ShouldStop
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word
 SPARE_FIRSTS = 8  # first tokens beyond the items that free rows extend

@@ -24,8 +24,8 @@ from pathlib import Path
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 
+from .client import StdioServer, server_command
 from .editor_text import EditorText
-from .stdio_client import StdioServer, server_command
 
 ANSWER_S = 60.0
 SOURCE = Path(sysconfig.get_paths()["stdlib"]) / "sched.py"

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
-from .config import Settings
-from .default_model import default_model_path
-from .documents import DocumentStore, Vocab
-from .engine import Engine
-from .model import BatchRule, Model
+from ..config import Settings
+from ..engine.default_model import default_model_path
+from ..engine.model import BatchRule, Model
+from ..engine.scheduler import Engine
+from ..text.documents import DocumentStore, Vocab
 
 Calibrate = Callable[[Model, Path | None], BatchRule]
 
@@ -52,7 +52,7 @@ def load(s: Settings, cache: Path | None, calibrate: Calibrate | None = None) ->
     nothing with the serving model). On failure the new model is freed and
     the error raised."""
     if calibrate is None:
-        from .calibrate import calibrate
+        from ..engine.calibrate import calibrate
     model = Model(Path(s.model) if s.model else default_model_path(), threads=s.threads)
     try:
         calibrate(model, cache)

@@ -18,18 +18,19 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
-from . import __version__, lifecycle
-from .after_cursor import covered
-from .completion import Ask, Candidate, answer, from_memo, next_keystrokes
-from .config import Settings, apply_log_level
-from .default_model import cache_dir
-from .documents import Document, DocumentError, DocumentStore, Encoding, count, decode, encode
-from .engine import Engine
-from .inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
-from .inline import Request as InlineRequest
+from .. import __version__
+from ..config import Settings, apply_log_level
+from ..engine.default_model import cache_dir
+from ..engine.scheduler import Engine
+from ..engine.session import DecodeError
+from ..features.after_cursor import covered
+from ..features.completion import Ask, Candidate, answer, from_memo, next_keystrokes
+from ..features.inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
+from ..features.inline import Request as InlineRequest
+from ..text.documents import Document, DocumentError, DocumentStore, Encoding, count, decode, encode
+from . import lifecycle
 from .jobs import Latest, Ticket
 from .progress import ProgressReporter
-from .session import DecodeError
 
 log = logging.getLogger(__name__)
 

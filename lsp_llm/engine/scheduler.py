@@ -156,7 +156,7 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_branches = n_branches
         self.headroom = headroom
-        self.model: Any = None  # lsp_llm.model.Model once loaded
+        self.model: Any = None  # lsp_llm.engine.model.Model once loaded
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.saved: OrderedDict[str, SavedState] = OrderedDict()  # LRU, within saved_bytes
         self.stats: dict[str, DocStats] = {}

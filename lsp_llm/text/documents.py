@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from .engine import DocTarget
+from ..engine.scheduler import DocTarget
 from .tokens import Piece, Tokenize, TokenMirror
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .engine import Engine, LongRead
-from .session import Cancelled
+from ..engine.scheduler import Engine, LongRead
+from ..engine.session import Cancelled
 
 log = logging.getLogger(__name__)
 

@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import Settings
+from ..engine.branches import extend
+from ..engine.greedy import GreedyMemo
+from ..engine.model import FimTokens, Model
+from ..engine.scheduler import Engine, window
+from ..engine.session import Cancelled, Session, ShouldStop
+from ..text.documents import Document
 from .after_cursor import CLOSERS, OPENERS, QUOTES, covered
-from .branches import extend
-from .config import Settings
-from .documents import Document
-from .engine import Engine, window
-from .greedy import GreedyMemo
-from .model import FimTokens, Model
-from .session import Cancelled, Session, ShouldStop
 
 FIM_SESSION = "#fim"  # the FIM session of a document is keyed uri + this
 MAX_SUFFIX_BYTES = 4096  # the FIM suffix is bounded by lines and by this

@@ -1,7 +1,7 @@
 """Run one engine on one trace in a process of its own (clean CPU time and
 peak RSS, and a crash in llama.cpp costs one cell of the table, not the run).
 
-    python -m lsp_llm.bench.worker JOB.json RESULT.json
+    python -m lsp_llm.tools.bench.worker JOB.json RESULT.json
 """
 
 from __future__ import annotations

@@ -28,14 +28,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..branches import extend
-from ..config import Settings
-from ..default_model import cache_dir
-from ..documents import Document
-from ..engine import Engine
-from ..inline import Request, Rules, first_token, request_at, shape
-from ..lifecycle import load, n_ctx_for, vocab_of
-from ..model import Model
+from ...config import Settings
+from ...engine.branches import extend
+from ...engine.default_model import cache_dir
+from ...engine.model import Model
+from ...engine.scheduler import Engine
+from ...features.inline import Request, Rules, first_token, request_at, shape
+from ...lsp.lifecycle import load, n_ctx_for, vocab_of
+from ...text.documents import Document
 from .quality import WORD, cut_points
 from .traces import TokenCounter, read_source, stdlib_files
 

@@ -1,5 +1,5 @@
 """An editor, as far as the benchmark needs one: pygls's ``LanguageClient``
-driving the real lsp-llm server over stdio (as ``lsp_llm.demo`` does).
+driving the real lsp-llm server over stdio (as ``lsp_llm.tools.demo`` does).
 
     editor = await Editor.start(cmd, {"lineTokens": 12})
     editor.open(uri, text)

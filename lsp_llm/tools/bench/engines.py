@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..session import common_prefix
+from ...engine.session import common_prefix
 from .lspclient import LspClient, change_event
 from .traces import Keystroke, Trace
 
