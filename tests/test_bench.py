@@ -10,11 +10,12 @@ import statistics
 from pathlib import Path
 
 import pytest
+from lsprotocol import types as lsp
 
 from lsp_llm.tools.bench import ghost, pace, paced, quality, report, traces, tuning
 from lsp_llm.tools.bench import main as bench_main
-from lsp_llm.tools.bench.lspclient import change_event, utf16_col
 from lsp_llm.tools.bench.worker import sample_indices
+from lsp_llm.tools.editor_text import lsp_position
 
 SOURCES = traces.default_sources()[:3]
 
@@ -108,11 +109,11 @@ def test_apply_edit_rejects_bad_positions() -> None:
 
 
 def test_lsp_positions_are_utf16() -> None:
-    assert utf16_col("abc", 2) == 2
-    assert utf16_col("a😀b", 2) == 3  # the emoji is two UTF-16 units
-    ev = change_event("x = '😀'\ny", (0, 6), (0, 7), "!")
-    assert ev["range"]["start"] == {"line": 0, "character": 7}
-    assert ev["range"]["end"] == {"line": 0, "character": 8}
+    assert lsp_position("abc", (0, 2)) == lsp.Position(0, 2)
+    assert lsp_position("a😀b", (0, 2)) == lsp.Position(0, 3)  # the emoji is two UTF-16 units
+    assert lsp_position("x = '😀'\ny", (0, 7)) == lsp.Position(0, 8)
+    assert lsp_position("x = '😀'\n😀y", (1, 1)) == lsp.Position(1, 2)
+    assert lsp_position("a😀b", (0, 2), "utf-8") == lsp.Position(0, 5)
 
 
 def test_sample_indices_spread_over_the_trace() -> None:

@@ -1,6 +1,7 @@
 """A document as the editor holds it: text, version and LSP positions in a
 position encoding, written apart from the server's ``documents.py`` so that
-the fuzz tests and ``lsp-llm soak`` can check the server against it."""
+the fuzz tests and ``lsp-llm soak`` can check the server against it. The
+tools' one code-unit counter (``units``) is here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from lsprotocol import types as t
 
 _BREAK = re.compile(r"\r\n|\r|\n")
 
+Pos = tuple[int, int]  # (line, column), the column in code points
+
 
 def units(text: str, encoding: str) -> int:
     """Length of text in the code units of an LSP position encoding."""
@@ -19,6 +22,15 @@ def units(text: str, encoding: str) -> int:
     if encoding == "utf-16":
         return len(text.encode("utf-16-le", "surrogatepass")) // 2
     return len(text)
+
+
+def lsp_position(text: str, pos: Pos, encoding: str = "utf-16") -> t.Position:
+    """The LSP position of a code-point (line, column) in text whose lines end in "\\n"."""
+    line, col = pos
+    start = 0
+    for _ in range(line):
+        start = text.index("\n", start) + 1
+    return t.Position(line, units(text[start : start + col], encoding))
 
 
 class EditorText:

@@ -184,16 +184,14 @@ class Soak:
 
     async def cancel(self, doc: EditorText) -> None:
         assert self.server is not None
-        msg_id = f"soak-cancel-{self.fig.cancels}"
-        fut = self.server.client.protocol.send_request_async(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
-            text_document=t.TextDocumentIdentifier(uri=doc.uri), position=doc.position(self.cursor(doc))),
-            msg_id=msg_id)
+        request = self.server.send(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
+            text_document=t.TextDocumentIdentifier(uri=doc.uri), position=doc.position(self.cursor(doc))))
         self.fig.requests += 1
         self.fig.cancels += 1
         await asyncio.sleep(self.rng.uniform(0, 0.03))
-        self.server.client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id=msg_id))
+        request.cancel(even_if_answered=True)  # a late cancel is input the server must take too
         try:
-            await asyncio.wait_for(fut, ANSWER_S)
+            await asyncio.wait_for(request.future, ANSWER_S)
         except asyncio.TimeoutError:
             self.fig.unanswered += 1
             return
@@ -239,14 +237,14 @@ class Soak:
                 await self.server.request(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
                     text_document=t.TextDocumentIdentifier(uri=doc.uri), position=doc.position(self.cursor(doc))),
                     ANSWER_S)
-                st = await self.server.command("lsp-llm.stats", doc.uri)
+                st = await self.server.stats(doc.uri)
                 if st.get("cached", 0) > 0 and st.get("fed_last", 1) == 0:
                     break
                 await asyncio.sleep(0.5)
         self.t0 = time.monotonic()
 
     def sample(self) -> None:
-        assert self.server is not None and self.server.pid is not None
+        assert self.server is not None
         self.fig.rss_mb.append((round(self.minutes(), 2), round(rss_mb(self.server.pid), 1)))
 
     async def reopen(self, doc: EditorText) -> None:

@@ -21,6 +21,7 @@ must apply the edit itself (it only receives the LSP range edit).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import http.client
@@ -31,14 +32,16 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ...engine.session import common_prefix
-from .lspclient import LspClient, change_event
+from ..client import StdioServer, completion_items, server_command
 from .traces import Keystroke, Trace
+
+T = TypeVar("T")
 
 ENGINES = ("lsp-llm", "naive", "llama-cpp-python", "llama-server", "floor")
 
@@ -56,6 +59,12 @@ class Settings:
     llama_server: str | None = None  # path to llama-server
     profile: str | None = None  # "py-spy" | "pyinstrument" for lsp-llm's server
     out_dir: str = "."
+
+    def command(self, quiet: bool = False) -> list[str]:
+        """The command that starts the lsp-llm server with these settings;
+        ``quiet``: it logs warnings only, unless --server-cmd sets a log level."""
+        return server_command(self.model, self.threads, "warning" if quiet else None, self.server_cmd,
+                              n_ctx=self.n_ctx, max_sessions=self.max_sessions)
 
 
 class EngineUnavailable(Exception):
@@ -537,76 +546,77 @@ class LlamaServerEngine(Engine):
 # -- lsp-llm ---------------------------------------------------------------------------------
 
 
-def server_command(s: Settings, quiet: bool = False) -> list[str]:
-    """The command that starts the lsp-llm server with these settings;
-    ``quiet``: it logs warnings only, unless --server-cmd sets a log level."""
-    cmd = list(s.server_cmd or [sys.executable, "-m", "lsp_llm"])
-    level = ["--log-level", "warning"] if quiet and "--log-level" not in cmd else []
-    return cmd + ["--model", s.model, "--n-ctx", str(s.n_ctx), "--threads", str(s.threads),
-                  "--max-sessions", str(s.max_sessions)] + level
-
-
 class LspLlmEngine(Engine):
+    """The server through the tools' client, an asyncio client: the harness
+    calls the engine synchronously, so the engine runs the client on an
+    event loop of its own, one call at a time."""
+
     name = "lsp-llm"
 
     def open(self, trace: Trace, warm: list[str]) -> None:
-        cmd = server_command(self.s)
+        cmd = self.s.command()
         self.profile_out = None
         if self.s.profile:
             cmd, self.profile_out = _profiled(cmd, self.s.profile, Path(self.s.out_dir), trace.name)
         self.cmd = cmd
         self.stderr_path = Path(self.s.out_dir) / "runs" / f"lsp-llm-server-{os.getpid()}.log"
         self.stderr_path.parent.mkdir(parents=True, exist_ok=True)
-        self.client = LspClient.spawn(cmd, stderr_path=self.stderr_path)
+        self.loop = asyncio.new_event_loop()
         try:
             # the same generation budget as the baselines: the line item gets gen_tokens
-            self.client.initialize(initialization_options={"lineTokens": self.s.gen_tokens},
-                                   timeout=self.s.timeout_s)
+            self.server = self._run(StdioServer.launch(cmd, {"lineTokens": self.s.gen_tokens}, self.s.timeout_s,
+                                                       self.stderr_path))
         except Exception as e:
             raise EngineUnavailable(f"lsp-llm server did not initialize: {e} (log {self.stderr_path})") from None
-        self.generated = {}
-        self.fed = {}
+        self.generated: dict[str, int] = {}
+        self.fed: dict[str, int] = {}
+        self._run(self._warm(trace, warm))
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    async def _warm(self, trace: Trace, warm: list[str]) -> None:
+        """One completion per document at its first cursor: the editor opened
+        the files a while ago, so their first evaluation is not a keystroke."""
         for d in trace.docs:
-            self.client.did_open(d.uri, d.text)
+            self.server.open(d.uri, d.text)
         for d, text in zip(trace.docs, warm):
-            # one completion per document at its first cursor: the editor opened
-            # the files a while ago, so their first evaluation is not a keystroke
-            lines = text.split("\n")
-            self.client.completion(d.uri, len(lines) - 1, len(lines[-1].encode("utf-16-le")) // 2,
-                                   timeout=self.s.timeout_s)
-            st = self._stats(d.uri)
+            end = (text.count("\n"), len(text) - text.rfind("\n") - 1)
+            await asyncio.wait_for(self.server.complete(d.uri, text, end).future, self.s.timeout_s)
+            st = await self._stats(d.uri)
             self.generated[d.uri] = st.get("generated_total", 0)
             self.fed[d.uri] = st.get("fed_total", 0)
 
     @property
     def work_pid(self):
         # under py-spy the server is its child; account the whole tree then
-        return self.client.pid
+        return self.server.pid
 
-    def _stats(self, uri: str) -> dict:
+    async def _stats(self, uri: str | None, timeout: float | None = None) -> dict:
         try:
-            return self.client.execute_command("lsp-llm.stats", [uri], timeout=self.s.timeout_s) or {}
+            return await self.server.stats(uri, timeout or self.s.timeout_s)
         except Exception:  # noqa: BLE001 - an older server without stats
             return {}
 
-    def key(self, k, old, new, prefix, uri):
-        change = change_event(old, k.start, k.end, k.text)
-        line = new.split("\n")[k.cursor[0]] if "\n" in new else new
-        char = len(line[: k.cursor[1]].encode("utf-16-le")) // 2
-        c = self.client
+    async def _answer(self, k: Keystroke, old: str, new: str, uri: str) -> tuple[Any, float]:
+        """didChange, then the completion request: its answer and latency (s)."""
         t0 = time.perf_counter()
-        c.did_change(uri, [change])
-        rid, pending = c.send_request("textDocument/completion", c.completion_params(uri, k.cursor[0], char))
-        result = c.wait(rid, pending, self.s.timeout_s)
-        dt = pending.received_at - t0
-        st = self._stats(uri)
+        self.server.change(uri, old, k.start, k.end, k.text)
+        request = self.server.complete(uri, new, k.cursor)
+        result = await asyncio.wait_for(request.future, self.s.timeout_s)
+        assert request.answered is not None
+        return result, request.answered - t0
+
+    def key(self, k, old, new, prefix, uri):
+        result, dt = self._run(self._answer(k, old, new, uri))
+        st = self._run(self._stats(uri))
         gen = st.get("generated_total", 0)
         generated = gen - self.generated.get(uri, 0)
         self.generated[uri] = gen
         # fed_total also counts what the server fed in the background after didChange
         fed = st.get("fed_total", 0) - self.fed.get(uri, 0)
         self.fed[uri] = st.get("fed_total", 0)
-        items = result.get("items", []) if isinstance(result, dict) else (result or [])
+        items = completion_items(result)
         return {
             "latency_s": dt,
             "tokens": int(fed) + int(generated),
@@ -617,19 +627,18 @@ class LspLlmEngine(Engine):
             "generate_ms": st.get("generate_ms"),
             "server_ms": st.get("last_ms"),
             "items": len(items),
-            "text": items[0].get("label") if items else None,
+            "text": items[0].label if items else None,
         }
 
     def close(self):
-        try:
-            server = self.client.execute_command("lsp-llm.stats", None, timeout=10) or {}
-        except Exception:  # noqa: BLE001
-            server = {}
-        self.server_stats = server
-        return {"server_stats": server}
+        self.server_stats = self._run(self._stats(None, 10))
+        return {"server_stats": self.server_stats}
 
     def finish(self) -> None:
-        self.client.close(timeout=30)
+        if getattr(self, "server", None) is not None:
+            self._run(self.server.stop(30))
+        if getattr(self, "loop", None) is not None:
+            self.loop.close()
 
     def info(self):
         return {"cmd": self.cmd, "profile": str(self.profile_out) if self.profile_out else None}

@@ -26,9 +26,9 @@ import asyncio
 import time
 from dataclasses import asdict, dataclass
 
+from ..client import StdioServer, inline_items, inline_text
 from . import pace
-from .editor import Editor, inline_items, inline_text
-from .engines import Settings, server_command
+from .engines import Settings
 from .report import pct
 from .traces import Keystroke, apply_edit, read_source, stdlib_dir
 
@@ -63,7 +63,7 @@ class DepthRow:
     lines: int  # lines it showed at the end
 
 
-async def _ghost(editor: Editor, uri: str, text: str, pos: tuple[int, int], timeout: float) -> str:
+async def _ghost(editor: StdioServer, uri: str, text: str, pos: tuple[int, int], timeout: float) -> str:
     items = inline_items(await asyncio.wait_for(editor.inline(uri, text, pos).future, timeout))
     return inline_text(items[0]) if items else ""
 
@@ -73,8 +73,7 @@ async def typing(s: Settings, name: str, first: int, count: int, seed: int) -> T
     lines = read_source(stdlib_dir() / name)
     typed = "\n".join(lines[first : first + count])
     text = "\n".join([*lines[:first], "", *lines[first + count :]])
-    editor = await Editor.start(server_command(s, quiet=True), {"readBudgetMs": 600000},
-                                s.timeout_s)
+    editor = await StdioServer.launch(s.command(quiet=True), {"readBudgetMs": 600000}, s.timeout_s)
     uri = f"file:///bench/ghost/{name}"
     keys = [Keystroke(0, (0, 0), (0, 0), ch, (0, 0), "enter" if ch == "\n" else "type") for ch in typed]
     lat, kinds, shown = [], [], 0
@@ -118,7 +117,7 @@ async def depth(s: Settings, name: str, row: int) -> DepthRow:
     indent = lines[row][: len(lines[row]) - len(lines[row].lstrip())]
     text = "\n".join([*lines[:row], indent, *lines[row + 1 :]])
     options = {"readBudgetMs": 600000, "inlineLines": DEPTH_LINES}
-    editor = await Editor.start(server_command(s, quiet=True), options, s.timeout_s)
+    editor = await StdioServer.launch(s.command(quiet=True), options, s.timeout_s)
     uri = f"file:///bench/ghost/depth/{name}"
     first: float | None = None
     deep: float | None = None

@@ -12,8 +12,8 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from .editor import Editor
-from .engines import Settings, peak_rss_bytes, rss_bytes, server_command
+from ..client import StdioServer
+from .engines import Settings, peak_rss_bytes, rss_bytes
 from .traces import TokenCounter, _line_after_tokens, read_source
 
 MB = 2**20
@@ -36,8 +36,8 @@ def head_text(path: Path, tokens: int, count: TokenCounter) -> str:
 
 async def measure(settings: Settings, texts: list[str]) -> tuple[int, int]:
     """Open texts in a fresh server, complete at the end of each; (RSS, peak) in bytes."""
-    editor = await Editor.start(server_command(settings, quiet=True),
-                                {"lineTokens": settings.gen_tokens}, settings.timeout_s)
+    editor = await StdioServer.launch(settings.command(quiet=True), {"lineTokens": settings.gen_tokens},
+                                      settings.timeout_s)
     try:
         for i, text in enumerate(texts):
             uri = f"file:///bench/memory/doc{i}.py"

@@ -21,7 +21,7 @@ import bisect
 import time
 from dataclasses import asdict, dataclass
 
-from .editor import Editor, Request, completion_items
+from ..client import Request, StdioServer, completion_items
 from .engines import Engine
 from .pace import schedule
 from .traces import Keystroke, Trace, apply_edit, offset_of
@@ -146,7 +146,7 @@ def run_sync(engine: Engine, trace: Trace, delays: list[float]) -> list[Answer]:
 # -- lsp-llm through pygls's LanguageClient -------------------------------------------------
 
 
-async def open_documents(editor: Editor, trace: Trace, timeout: float) -> None:
+async def open_documents(editor: StdioServer, trace: Trace, timeout: float) -> None:
     """Open every document and read it up to its first cursor (untimed)."""
     for d in trace.docs:
         editor.open(d.uri, d.text)
@@ -156,7 +156,7 @@ async def open_documents(editor: Editor, trace: Trace, timeout: float) -> None:
         await asyncio.wait_for(editor.complete(d.uri, d.text, (line, col)).future, timeout)
 
 
-async def run_lsp(editor: Editor, trace: Trace, delays: list[float], timeout: float) -> list[Answer]:
+async def run_lsp(editor: StdioServer, trace: Trace, delays: list[float], timeout: float) -> list[Answer]:
     times = schedule(delays)
     answers: list[Answer] = []
     loop = asyncio.get_running_loop()

@@ -41,8 +41,8 @@ from typing import Any, Protocol
 
 from lsprotocol import types as t
 
-from .editor import Editor, completion_items, inline_items, inline_text
-from .engines import Settings, find_llama_server, load_llama, server_command
+from ..client import StdioServer, completion_items, inline_items, inline_text
+from .engines import Settings, find_llama_server, load_llama
 from .traces import Pos, TokenCounter, offset_of, read_source, stdlib_files
 
 # stdlib modules that no test, the demo or a benchmark trace reads
@@ -214,7 +214,7 @@ def diff_edit(old: str, new: str) -> tuple[Pos, Pos, str]:
 class LspSuggester:
     """lsp-llm through the editor: didChange, then the requests an editor sends."""
 
-    def __init__(self, editor: Editor, uri: str, timeout: float) -> None:
+    def __init__(self, editor: StdioServer, uri: str, timeout: float) -> None:
         self.editor, self.uri, self.timeout = editor, uri, timeout
         self.text: str | None = None
         self.pos: Pos = (0, 0)
@@ -306,8 +306,7 @@ class PrefixSuggester:
 async def run_lsp(settings: Settings, cuts: list[Cut], log: Path | None = None) -> list[CutResult]:
     # quality is about answers, not time: no answer may be cut short by a long read
     options = {"lineTokens": settings.gen_tokens, "inlineTokens": settings.gen_tokens, "readBudgetMs": 600000}
-    editor = await Editor.start(server_command(settings, quiet=True), options,
-                                settings.timeout_s, log)
+    editor = await StdioServer.launch(settings.command(quiet=True), options, settings.timeout_s, log)
     out = []
     try:
         for i, path in enumerate(dict.fromkeys(c.path for c in cuts)):

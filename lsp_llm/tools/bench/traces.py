@@ -3,7 +3,7 @@
 A trace is a set of open documents plus a list of keystrokes. Each keystroke
 is one LSP range edit (start, end, new text) on one document, followed by a
 completion request at the cursor. Positions are (line, column) with columns
-counted in code points; ``lspclient.utf16_col`` converts them for the wire.
+counted in code points; the client (``lsp_llm.tools.client``) converts them for the wire.
 
 The generator works on a *region* of each document: the lines from a little
 before the spot being written down to the end of the document. Everything

@@ -15,9 +15,9 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from ..client import StdioServer
 from . import paced
-from .editor import Editor
-from .engines import ENGINE_CLASSES, EngineUnavailable, Settings, cpu_seconds, peak_rss_bytes, server_command
+from .engines import ENGINE_CLASSES, EngineUnavailable, Settings, cpu_seconds, peak_rss_bytes
 from .pace import schedule
 from .traces import Trace, iter_prefixes, offset_of
 
@@ -157,8 +157,8 @@ def _paced_sync(engine, trace: Trace) -> dict:
 
 async def _paced_lsp(settings: Settings, trace: Trace) -> dict:
     log = Path(settings.out_dir) / "runs" / f"lsp-llm-server-{os.getpid()}.log"
-    editor = await Editor.start(server_command(settings, quiet=True),
-                                {"lineTokens": settings.gen_tokens}, settings.timeout_s, log)
+    editor = await StdioServer.launch(settings.command(quiet=True), {"lineTokens": settings.gen_tokens},
+                                      settings.timeout_s, log)
     try:
         await paced.open_documents(editor, trace, settings.timeout_s)
         before = await editor.stats()
