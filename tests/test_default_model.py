@@ -98,12 +98,14 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
         prompt, healed = doc.prompt()
         ask = Ask("u", prompt, healed, doc.word_start(len(doc.data)) < len(doc.data), 5, 12,
                   quick=idle if quick is None else quick)
+        if idle:  # the document tells the engine its prompt, as the server's do (idle plans belong to it)
+            engine.update("u", prompt, doc.n_tokens, healed)
 
         def job() -> list:
             got = answer(engine, ask)
             incomplete.append(not got.complete)
             if idle:
-                engine.prepare("u", "completion", next_keystrokes(engine, ask, got))
+                engine.prepare("u", "completion", next_keystrokes(engine, ask, got), ask.prompt)
             return got.candidates
 
         quick = from_memo(engine, ask) if idle else None  # what the server answers with no job, if it can

@@ -19,14 +19,13 @@ TEXT = b"def crab(x):\n    return x + 1\n\n" * 40
 
 
 def _busy(e: Engine) -> bool:
-    return e._next_sync() is not None or e._next_read() is not None or e.preparing()
+    return e.busy()
 
 
 def wait_idle(e: Engine, timeout: float = 30) -> None:
     end = time.time() + timeout
     while time.time() < end:
-        with e._cond:  # (polling with jobs would preempt the idle work it waits for)
-            busy = _busy(e)
+        busy = _busy(e)  # (polling with jobs would preempt the idle work it waits for)
         if not busy and not e.submit(lambda: _busy(e)).result():
             return
         time.sleep(0.01)

@@ -26,8 +26,9 @@ OPTIONS = {"waitFor": "all", "readBudgetMs": 60000}  # every item, after the rea
 class Pipe:
     """The server as a subprocess, written to in whole frames, several at once."""
 
-    def __init__(self, encodings: list[str] | None = None, initialized: bool = True) -> None:
-        self.proc = subprocess.Popen(SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    def __init__(self, encodings: list[str] | None = None, initialized: bool = True,
+                 command: list[str] | None = None) -> None:
+        self.proc = subprocess.Popen(command or SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         self.next_id = 1
         general = {"positionEncodings": encodings} if encodings else {}

@@ -1,21 +1,28 @@
-"""The engine thread: the only thread that calls into llama.cpp.
+"""The engine thread: the only thread that calls into llama.cpp, and the one
+place that decides what it runs next.
 
 It owns the model sessions (an LRU pool of llama.cpp contexts, one document
-per context, plus saved sequences in host memory) and decides, in one place
-(``Engine._next``), what runs next:
+per context, plus saved sequences in host memory). Work has a kind, and each
+kind a rank (``Rank``); ``Engine._next`` takes the highest-ranked work
+waiting, and any running work yields to waiting work of a higher rank
+(``Engine._yields``): between decode calls, and inside a call for all but
+jobs (llama.cpp's abort callback), so a request waits a millisecond or two
+for lower work, not a call.
 
-1. jobs (completion requests, model loads), first come first served;
-2. background syncs: when a document's target changes, its session is
-   brought up to date. The document at the cursor (``focus``) goes first,
-   then the most recently edited. A background sync never evicts a live
-   session: only the focus document, or a request, may take one;
-3. idle work (``prepare``): what the next keystrokes will most likely ask
-   for, while nothing else is waiting. It is bounded, and a plan is dropped
-   as soon as its document's target changes.
+- JOB: requests and engine operations (a model switch, a resize), first come
+  first served; a request stops at its own cancel or a newer request's;
+- FOCUS: the document the user edits or asks about, brought to its newest
+  text (it may evict a live session);
+- SYNC: another live document edited (a rename, a formatter);
+- IDLE: the plans that requests leave (``prepare``): the next keystrokes,
+  the rest of a suggestion; a plan belongs to the prompt it was made for;
+- READ: documents not live (opened and never read, or saved to host
+  memory): read or restored, most recently edited first, only when nothing
+  else waits.
 
-Anything later in that list stops at its next decode boundary when anything
-earlier arrives, so superseded text is never fed and a request waits at most
-one decode call for idle work.
+Documents' states (``DocState``): unread, live (a context), saved (host
+memory); a document whose text is no longer trusted (stale) never gets
+here (``documents.DocumentStore.trusted``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import Enum, IntEnum
 from typing import Any, TypeVar
 
 from .greedy import GreedyMemo, Tips
@@ -66,10 +74,22 @@ class DocStats:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
-# rows of the feed calls of a background sync of a document other than the
-# focus: a request waits at most one such call (about 65 ms with the default
-# model, against 240 ms for a 128-row call; reads are about 8% slower)
-BACKGROUND_ROWS = 32
+class Rank(IntEnum):
+    """Kinds of engine work, highest first in ``Engine._next``; running work
+    yields to waiting work of a higher rank (``Engine._yields``)."""
+
+    NOTHING = 0
+    READ = 1  # a document not live: read or restored, in idle time only
+    IDLE = 2  # idle plans: what the next keystrokes will ask for
+    SYNC = 3  # a live document other than the focus, edited
+    FOCUS = 4  # the document the user edits or asks about
+    JOB = 5  # requests and engine operations, first come first served
+
+
+class DocState(str, Enum):
+    UNREAD = "unread"  # opened, no context holds it, nothing saved
+    LIVE = "live"  # a context holds its tokens
+    SAVED = "saved"  # its sequence is kept in host memory (restored on return)
 
 
 @dataclass(frozen=True)
@@ -92,9 +112,10 @@ class _Job:
 
 @dataclass
 class _Plan:
-    """Idle work for one document, made for one of its targets."""
+    """Idle work for one document, made for one of its targets (the prompt
+    of the request that left it)."""
 
-    target: list[int] | None
+    target: list[int]
     tasks: dict[str, deque[IdleTask]] = field(default_factory=dict)  # by kind, in order
 
     def next(self) -> tuple[str, IdleTask] | None:
@@ -108,6 +129,7 @@ class _Plan:
 class _Sync:
     uri: str
     target: list[int]
+    rank: Rank  # FOCUS, SYNC or READ
 
 
 @dataclass
@@ -175,7 +197,9 @@ class Engine:
         self._running: _Job | None = None
         self._cond = threading.Condition()
         self._stopping = False
-        self._idle_running = False
+        self._waiting = Rank.NOTHING  # the highest rank of waiting work (lock-free reads)
+        self._running_rank = Rank.NOTHING  # of the work running now (engine thread)
+        self._saved_total = 0  # bytes of self.saved
         self._thread = threading.Thread(target=self._run, name="lsp-llm-engine", daemon=True)
         self._thread.start()
 
@@ -196,7 +220,7 @@ class Engine:
             self.stats.setdefault(uri, DocStats()).tokens = doc_tokens
             if focus:
                 self.focus = uri
-            self._cond.notify()
+            self._refresh()
 
     def forget(self, uri: str) -> None:
         with self._cond:
@@ -207,18 +231,24 @@ class Engine:
             self.stats.pop(uri, None)
             if self.focus == uri:
                 self.focus = None
+            self._refresh()
         self.submit(lambda: self._drop(uri))
 
-    def prepare(self, uri: str, kind: str, tasks: list[IdleTask]) -> None:
-        """Idle work for the document's current target, replacing earlier
-        tasks of the same kind. Dropped when the target changes."""
+    def prepare(self, uri: str, kind: str, tasks: list[IdleTask], prompt: list[int]) -> None:
+        """Idle work left by a request made for ``prompt`` (the document's
+        prompt at the request), replacing earlier tasks of the same kind.
+        Nothing when the document has moved on since (a plan for an old
+        prompt would move the session back and drop the new tip's logits);
+        dropped when its target changes."""
         with self._cond:
             target = self._targets.get(uri)
+            if target is None or target != prompt:
+                return
             plan = self._plans.get(uri)
             if plan is None or plan.target is not target:
                 plan = self._plans[uri] = _Plan(target)
             plan.tasks[kind] = deque(tasks)
-            self._cond.notify()
+            self._refresh()
 
     def submit(self, fn: Callable[[], T], cancel: threading.Event | None = None) -> Future:
         job = _Job(fn, Future(), cancel or threading.Event())
@@ -227,7 +257,7 @@ class Engine:
                 job.future.set_exception(RuntimeError("the engine is shutting down"))
                 return job.future
             self._jobs.append(job)
-            self._cond.notify()
+            self._refresh()
         return job.future
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -265,7 +295,7 @@ class Engine:
             for uri, d in targets.items():
                 self.stats.setdefault(uri, DocStats()).tokens = d.doc_tokens
             self._jobs.append(job)
-            self._cond.notify()
+            self._refresh()
         return job.future
 
     @property
@@ -274,13 +304,76 @@ class Engine:
         change items)."""
         return self.memo if self.model is not None and self.model.batch_rule.exact else None
 
-    def _request_waits(self) -> bool:
-        return bool(self._jobs) or self._stopping
+    # -- what runs next: the one place -------------------------------------------
+    def state(self, uri: str) -> DocState:
+        if uri in self.sessions:
+            return DocState.LIVE
+        return DocState.SAVED if uri in self.saved else DocState.UNREAD
 
-    def _idle_interrupted(self) -> bool:
-        """Inside llama_decode (the sessions' abort callback): idle work
-        stops midway when a request waits."""
-        return self._idle_running and self._request_waits()
+    def _refresh(self) -> None:
+        """Under the lock, after any queue changed: the rank of the highest
+        waiting work, which running work compares its own with."""
+        self._waiting = self._waiting_rank()
+        self._cond.notify()
+
+    def _waiting_rank(self) -> Rank:
+        if self._jobs:
+            return Rank.JOB
+        if self.model is None:
+            return Rank.NOTHING
+        if self.focus in self._dirty:
+            return Rank.FOCUS
+        if any(u in self.sessions for u in self._dirty):
+            return Rank.SYNC
+        if any(plan.next() is not None for plan in self._plans.values()):
+            return Rank.IDLE
+        return Rank.READ if self._next_read() is not None else Rank.NOTHING
+
+    def _yields(self, rank: Rank) -> bool:
+        """Whether work of this rank should stop now: the engine stops, or
+        work of a higher rank waits. The one stop check (lock-free: it reads
+        one value that ``_refresh`` writes)."""
+        return self._stopping or self._waiting > rank
+
+    def _interrupted(self) -> bool:
+        """Inside llama_decode (the sessions' abort callback): all work but
+        jobs stops midway for higher work. Jobs stop between calls."""
+        return self._running_rank < Rank.JOB and self._yields(self._running_rank)
+
+    def _next(self) -> _Job | _Sync | _Idle | None:
+        """What the engine does next (under the lock): the highest-ranked
+        work waiting."""
+        work = self._pick()
+        if isinstance(work, _Sync):
+            del self._dirty[work.uri]
+        self._refresh()
+        return work
+
+    def _pick(self) -> _Job | _Sync | _Idle | None:
+        if self._jobs:
+            return self._jobs.popleft()
+        if self.model is None:
+            return None
+        if self.focus in self._dirty:
+            return _Sync(self.focus, self._targets[self.focus], Rank.FOCUS)
+        edited = next((u for u in reversed(self._dirty) if u in self.sessions), None)
+        if edited is not None:
+            return _Sync(edited, self._targets[edited], Rank.SYNC)
+        idle = self._next_idle()
+        if idle is not None:
+            return idle
+        uri = self._next_read()
+        return None if uri is None else _Sync(uri, self._targets[uri], Rank.READ)
+
+    def _next_read(self) -> str | None:
+        """A document not live, the most recently edited first, when a
+        context is free, or one can be evicted (not the focus's) and the
+        saved states are within their budget (a first visit then costs a
+        restore, not a read)."""
+        if len(self.sessions) >= self.max_sessions and (
+                self._evictable() is None or self._saved_total >= self.saved_bytes):
+            return None
+        return next((u for u in reversed(self._dirty) if u not in self.sessions), None)
 
     def fit(self, target: list[int]) -> list[int]:
         """The target as a session holds it (windowed to the context)."""
@@ -291,11 +384,16 @@ class Engine:
         with self._cond:
             return any(plan.next() is not None for plan in self._plans.values())
 
+    def busy(self) -> bool:
+        """Whether any work waits (any thread)."""
+        with self._cond:
+            return self._waiting_rank() > Rank.NOTHING
+
     @property
     def jobs_waiting(self) -> bool:
         """Whether a job waits behind the running one (a job that can answer
-        with less may stop early for it)."""
-        return bool(self._jobs)
+        with less may stop early for it: ghost text for a popup request)."""
+        return self._waiting == Rank.JOB
 
     def idle_stats(self) -> dict[str, Any]:
         """Idle work so far: time, rows decoded, greedy steps prepared and
@@ -308,6 +406,7 @@ class Engine:
             "idle_steps_used": self.memo.prepared_used,
             "saved_documents": len(self.saved),
             "saved_mb": round(self.saved_mb, 1),
+            "waiting": self._waiting.name.lower(),
         }
 
     @property
@@ -329,13 +428,18 @@ class Engine:
                     break
             try:  # the engine thread must outlive any one piece of work
                 if isinstance(work, _Job):
+                    self._running_rank = Rank.JOB
                     self._run_job(work)
                 elif isinstance(work, _Sync):
-                    self._background_sync(work.uri, work.target)
+                    self._running_rank = work.rank
+                    self._background_sync(work)
                 else:
+                    self._running_rank = Rank.IDLE
                     self._run_idle(work)
             except Exception:
                 log.exception("engine: %s failed", type(work).__name__)
+            finally:
+                self._running_rank = Rank.NOTHING
         self._close_all()
         with self._cond:
             pending = list(self._jobs)
@@ -344,48 +448,10 @@ class Engine:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(RuntimeError("the engine is shutting down"))
 
-    def _next(self) -> _Job | _Sync | _Idle | None:
-        """What the engine does next (under the lock): jobs, then syncs that
-        need no eviction, then idle work, then reads that move a live
-        session (not the focus) to host memory."""
-        if self._jobs:
-            return self._jobs.popleft()
-        if self.model is None:
-            return None
-        uri = self._next_sync()
-        if uri is None:
-            idle = self._next_idle()
-            if idle is not None:
-                return idle
-            uri = self._next_read()
-        if uri is None:
-            return None
-        del self._dirty[uri]
-        return _Sync(uri, self._targets[uri])
-
-    def _next_sync(self) -> str | None:
-        """The focus document first, then the most recently edited ones that
-        can be synced without evicting a live session."""
-        order = [self.focus] if self.focus in self._dirty else []
-        order += [u for u in reversed(self._dirty) if u != self.focus]
-        for uri in order:
-            if uri == self.focus or uri in self.sessions or len(self.sessions) < self.max_sessions:
-                return uri
-        return None
-
-    def _next_read(self) -> str | None:
-        """A document not read yet, the most recently edited first, when its
-        read can evict a live session other than the focus and the saved
-        states are within their budget (a first visit then costs a restore)."""
-        if self._evictable() is None or self._saved_nbytes >= self.saved_bytes:
-            return None
-        unread = [u for u in reversed(self._dirty) if u not in self.sessions and u not in self.saved]
-        return unread[0] if unread else None
-
     def _evictable(self) -> str | None:
         """The live session to evict next: the least recently used one that
         is not the focus."""
-        return next((u for u in self.sessions if u != self.focus), None)
+        return next((u for u in list(self.sessions) if u != self.focus), None)  # (list: any thread)
 
     def _next_idle(self) -> _Idle | None:
         order = [self.focus] if self.focus in self._plans else []
@@ -421,19 +487,20 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - handed to the waiting request
             job.future.set_exception(e)
 
-    def _background_sync(self, uri: str, target: list[int]) -> None:
+    def _background_sync(self, work: _Sync) -> None:
+        uri, target = work.uri, work.target
+
         def superseded() -> bool:
-            return bool(self._jobs) or self._stopping or self._targets.get(uri) is not target
+            return self._yields(work.rank) or self._targets.get(uri) is not target
 
         try:
-            # another document's read keeps its calls short (a request for the
-            # focus would wait for them); the focus's own read is the request's
-            # work too, so it takes full calls
-            self.sync(uri, target, superseded, rows=None if uri == self.focus else BACKGROUND_ROWS)
+            self.sync(uri, target, superseded)
         except Cancelled:
             with self._cond:  # try again later unless a newer target replaced it
                 if uri in self._targets and uri not in self._dirty:
                     self._dirty[uri] = None
+                    self._dirty.move_to_end(uri, last=False)  # not ahead of what the user edited since
+                    self._refresh()
         except Exception:
             log.exception("%s: background sync failed", uri)
 
@@ -441,12 +508,10 @@ class Engine:
         """Run one idle task; jobs, edits and newer plans preempt it."""
 
         def preempted() -> bool:
-            return (bool(self._jobs) or self._stopping or self._plans.get(work.uri) is not work.plan
-                    or self._next_sync() is not None)
+            return self._yields(Rank.IDLE) or self._plans.get(work.uri) is not work.plan
 
         t0, rows0 = time.perf_counter(), Session.decoded_rows
         self.memo.preparing = True
-        self._idle_running = True  # a request stops even a decode call midway
         try:
             work.task(preempted)
             done = True
@@ -456,7 +521,6 @@ class Engine:
             log.exception("%s: idle work failed", work.uri)
             done = True
         finally:
-            self._idle_running = False
             self.memo.preparing = False
             self.idle_ms_total += (time.perf_counter() - t0) * 1000
             self.idle_rows_total += Session.decoded_rows - rows0
@@ -465,6 +529,7 @@ class Engine:
                 queue = work.plan.tasks.get(work.kind)
                 if queue and queue[0] is work.task:
                     queue.popleft()
+                self._refresh()
 
     # -- engine-thread helpers (also used by jobs) --------------------------------
     def session(self, uri: str) -> Session:
@@ -481,9 +546,9 @@ class Engine:
             log.debug("evicting the session of %s for %s", old_uri, uri)
             self._save(old_uri, s)
         else:
-            s = Session(self.model, self.n_ctx, self.n_branches, self._idle_interrupted)
+            s = Session(self.model, self.n_ctx, self.n_branches, self._interrupted)
         self.sessions[uri] = s
-        saved = self.saved.pop(uri, None)
+        saved = self._unkeep(uri)
         if saved is not None and s.restore(saved):
             st = self.stats.setdefault(uri, DocStats())
             st.cached, st.restored = len(s.tokens), st.restored + 1
@@ -492,21 +557,27 @@ class Engine:
     def _save(self, uri: str, s: Session) -> None:
         """Keep an evicted session's sequence in host memory, if it fits."""
         if uri in self._targets and s.tokens and self.saved_bytes > 0:
-            state = s.save()
-            self.saved[uri] = state
-            while self.saved and self._saved_nbytes > self.saved_bytes:
-                self.saved.popitem(last=False)
+            self._keep(uri, s.save())
+            while self.saved and self._saved_total > self.saved_bytes:
+                self._unkeep(next(iter(self.saved)))
         if uri in self.stats:
             self.stats[uri].cached = 0
         s.reset()
 
-    @property
-    def saved_mb(self) -> float:
-        return self._saved_nbytes / (1 << 20)
+    def _keep(self, uri: str, state: SavedState) -> None:
+        self._unkeep(uri)
+        self.saved[uri] = state
+        self._saved_total += state.nbytes
+
+    def _unkeep(self, uri: str) -> SavedState | None:
+        state = self.saved.pop(uri, None)
+        if state is not None:
+            self._saved_total -= state.nbytes
+        return state
 
     @property
-    def _saved_nbytes(self) -> int:
-        return sum(v.nbytes for v in self.saved.values())
+    def saved_mb(self) -> float:
+        return self._saved_total / (1 << 20)
 
     def sync(
         self,
@@ -555,7 +626,7 @@ class Engine:
             with self._cond:  # the background takes the read over
                 if uri in self._targets:
                     self._dirty[uri] = None
-                    self._cond.notify()
+                    self._refresh()
             raise LongRead() from None
         finally:
             st.cached = len(s.tokens)
@@ -581,7 +652,7 @@ class Engine:
             s.close()
 
     def _drop(self, uri: str) -> None:
-        self.saved.pop(uri, None)
+        self._unkeep(uri)
         s = self.sessions.pop(uri, None)
         if s is not None:
             s.close()
@@ -591,8 +662,10 @@ class Engine:
             s.close()
         self.sessions.clear()
         self.saved.clear()
+        self._saved_total = 0
         with self._cond:
             self._plans.clear()
+            self._refresh()
 
     def set_model(self, model: Any, n_ctx: int | None = None) -> None:
         """Engine thread only: switch models, dropping every session and
@@ -611,4 +684,5 @@ class Engine:
         with self._cond:
             for uri in self._targets:
                 self._dirty[uri] = None
+            self._refresh()
 

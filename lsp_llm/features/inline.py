@@ -261,6 +261,7 @@ class Request:
     uri: str  # the document
     key: str  # its session: the uri, or uri#fim
     prompt: list[int]
+    doc_prompt: list[int]  # the document's prompt at the cursor (the prompt itself without FIM)
     healed: bytes  # the first token starts with this text
     around: Around
     rules: Rules
@@ -318,6 +319,7 @@ def fim_suffix(data: bytes, offset: int, lines: int) -> bytes:
 def request_at(doc: Document, offset: int, s: Settings, engine: Engine) -> Request:
     """Event loop: the engine job's input for a suggestion at offset."""
     prompt, healed = doc.prompt(offset)
+    doc_prompt = prompt
     rules = Rules(s.inline_lines, tuple(x.encode() for x in s.inline_stop))
     fim = engine.model.fim if s.fim and engine.model is not None else None
     key = doc.uri
@@ -325,7 +327,7 @@ def request_at(doc: Document, offset: int, s: Settings, engine: Engine) -> Reque
         suffix = doc.vocab.tokenize(fim_suffix(doc.data, offset, s.fim_lines))
         prompt = fim_prompt(prompt, suffix, fim, doc.vocab.bos, engine.n_ctx, engine.headroom)
         key = doc.uri + FIM_SESSION
-    return Request(doc.uri, key, prompt, healed, Around.at(doc.data, offset), rules, s.inline_tokens,
+    return Request(doc.uri, key, prompt, doc_prompt, healed, Around.at(doc.data, offset), rules, s.inline_tokens,
                    s.inline_budget_ms / 1000, fim is not None)
 
 
@@ -363,6 +365,16 @@ class _Progress:
     reached: int = 0  # bytes of the path so far
 
 
+def _feed_stop(engine: Engine, req: Request, cancelled: ShouldStop) -> ShouldStop:
+    """A FIM session's feed yields to a popup request: moving to another
+    line re-feeds the whole prefix (it comes after the suffix), which a
+    popup request must not wait for. The document's own feed is the popup's
+    work too."""
+    if not req.fim:
+        return cancelled
+    return lambda: cancelled() or engine.jobs_waiting
+
+
 def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float | None = None) -> Suggestion:
     """Engine thread: sync the session to the prompt and grow one greedy
     branch until a stop rule, a limit, or (after the first line) the budget.
@@ -370,7 +382,12 @@ def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float
     (see ``Engine.sync``)."""
     t0, decode0 = time.perf_counter(), Session.decode_seconds
     stats = InlineStats()
-    session = engine.sync(req.key, req.prompt, cancelled, req.healed, None if req.fim else deadline)
+    try:
+        session = engine.sync(req.key, req.prompt, _feed_stop(engine, req, cancelled), req.healed, deadline)
+    except Cancelled:
+        if cancelled():
+            raise
+        return Suggestion("", 0, False, stats)  # a popup request came first; the next request goes on
     stats.fed = engine.stats[req.key].fed_last
     model = engine.model
     first = first_token(model, session.logits, req.healed)

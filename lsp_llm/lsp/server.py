@@ -238,7 +238,7 @@ class Server(LanguageServer):
         got = from_memo(self.engine, ask)  # often all known: no engine job, no wait
         if got is not None:
             self.latest.supersede((uri, "completion"))
-            self.engine.prepare(uri, "completion", next_keystrokes(self.engine, ask, got))
+            self.engine.prepare(uri, "completion", next_keystrokes(self.engine, ask, got), ask.prompt)
             return at.items(got.candidates)
         try:
             cands = await self.latest.run((uri, "completion"), lambda ticket: self._answer(ask, ticket),
@@ -257,8 +257,8 @@ class Server(LanguageServer):
             log.debug("completion for %s: %.0f ms (waited %.0f), fed %d, decoded %d rows, %d memo steps, %d items",
                       ask.uri, ticket.age_ms(), started, st.fed_last, st.generated_last, st.memo_steps_last,
                       len(got.candidates))
-        if self.engine.exact_memo is not None:
-            self.engine.prepare(ask.uri, "completion", next_keystrokes(self.engine, ask, got))
+        if self.engine.exact_memo is not None and not ticket.cancel.is_set():  # (superseded: its plan is old)
+            self.engine.prepare(ask.uri, "completion", next_keystrokes(self.engine, ask, got), ask.prompt)
         return got.candidates
 
     # -- ghost text ---------------------------------------------------------------------
@@ -304,13 +304,15 @@ class Server(LanguageServer):
     def _suggest(self, req: InlineRequest, ticket: Ticket) -> Suggestion:
         """Engine thread: the suggestion, then idle work that extends it."""
         found = suggest(self.engine, req, ticket.should_stop, ticket.deadline)
-        self._prepare_inline(req)
+        if not ticket.cancel.is_set():
+            self._prepare_inline(req)
         return found
 
     def _prepare_inline(self, req: InlineRequest) -> None:
         """Idle work: the rest of the suggestion, and what follows it once accepted."""
         if self.engine.exact_memo is not None:
-            self.engine.prepare(req.uri, "inline", [extend_task(self.engine, req, self.settings.inline_lines)])
+            self.engine.prepare(req.uri, "inline", [extend_task(self.engine, req, self.settings.inline_lines)],
+                                req.doc_prompt)
 
 
 @dataclass(frozen=True)
