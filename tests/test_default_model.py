@@ -129,7 +129,7 @@ def test_items_do_not_depend_on_edit_history(gemma: Model) -> None:
             got = items(warm, text, idle=True)
             steps_from_memo += warm.stats["u"].memo_steps_last
             fresh_engine.memo.clear()
-            fresh_engine.submit(lambda: fresh_engine._drop("u")).result()
+            fresh_engine.submit(lambda: fresh_engine.pool.drop("u")).result()
             fresh = items(fresh_engine, text)
             want = iter((c.text, c.probability) for c in fresh)
             assert got and all((c.text, c.probability) in want for c in got), typed[:i]  # in order

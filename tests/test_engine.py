@@ -12,7 +12,8 @@ import pytest
 from lsp_llm.engine.branches import extend
 from lsp_llm.engine.greedy import GreedyMemo
 from lsp_llm.engine.model import Model
-from lsp_llm.engine.scheduler import Engine, window
+from lsp_llm.engine.pool import window
+from lsp_llm.engine.scheduler import Engine
 from lsp_llm.engine.session import Cancelled, Session
 
 TEXT = b"def crab(x):\n    return x + 1\n\n" * 40

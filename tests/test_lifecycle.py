@@ -16,7 +16,8 @@ from test_engine import TEXT
 
 from lsp_llm.config import Settings
 from lsp_llm.engine.model import Model, ModelError
-from lsp_llm.engine.scheduler import PROGRESS_MIN_TOKENS, Engine
+from lsp_llm.engine.pool import PROGRESS_MIN_TOKENS
+from lsp_llm.engine.scheduler import Engine
 from lsp_llm.lsp import lifecycle
 from lsp_llm.text.documents import DocumentError, DocumentStore, Encoding
 from lsp_llm.tools.client import StdioServer, server_command

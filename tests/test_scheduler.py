@@ -13,7 +13,8 @@ from test_engine import TEXT, wait_idle
 from test_trust import Pipe, completion_at, did_open
 
 from lsp_llm.engine.model import Model
-from lsp_llm.engine.scheduler import PROGRESS_MIN_TOKENS, Engine, Rank
+from lsp_llm.engine.pool import PROGRESS_MIN_TOKENS
+from lsp_llm.engine.scheduler import Engine, Rank
 from lsp_llm.engine.session import ShouldStop
 from lsp_llm.tools.client import server_command
 

@@ -34,44 +34,16 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum
 from typing import Any, TypeVar
 
-from .greedy import GreedyMemo, Tips
-from .session import Cancelled, SavedState, Session, ShouldStop, SyncResult, common_prefix
+from .pool import SAVED_MB, DocState, DocStats, LongRead, SessionPool
+from .session import Cancelled, Session, ShouldStop
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-ProgressFn = Callable[[str, int, int], None]  # (uri, done, total)
 IdleTask = Callable[[ShouldStop], None]  # engine thread; raises Cancelled when told to stop
-
-PROGRESS_MIN_TOKENS = 512  # feeds this long (about a second) report progress
-
-
-@dataclass
-class DocStats:
-    tokens: int = 0  # tokens of the whole document
-    cached: int = 0
-    reused_last: int = 0
-    fed_last: int = 0
-    fed_total: int = 0
-    generated_total: int = 0
-    generated_last: int = 0  # rows decoded for the last completion's candidates
-    probed_last: int = 0  # first tokens stepped in the padding of the latest feed
-    memo_steps_last: int = 0  # greedy steps the last completion took from the memo
-    syncs: int = 0
-    last_ms: float = 0.0  # the last completion, end to end on the engine
-    feed_ms: float = 0.0  # ... of which bringing the session up to date
-    generate_ms: float = 0.0  # ... of which extending the candidates
-    decode_ms: float = 0.0  # ... of which inside llama_decode (the rest is overhead)
-    window_start: int = 0
-    requests_total: int = 0  # completions answered
-    no_decode_total: int = 0  # ... of which with no decode call at all
-    restored: int = 0  # times the session came back from host memory
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 class Rank(IntEnum):
@@ -84,12 +56,6 @@ class Rank(IntEnum):
     SYNC = 3  # a live document other than the focus, edited
     FOCUS = 4  # the document the user edits or asks about
     JOB = 5  # requests and engine operations, first come first served
-
-
-class DocState(str, Enum):
-    UNREAD = "unread"  # opened, no context holds it, nothing saved
-    LIVE = "live"  # a context holds its tokens
-    SAVED = "saved"  # its sequence is kept in host memory (restored on return)
 
 
 @dataclass(frozen=True)
@@ -140,55 +106,33 @@ class _Idle:
     task: IdleTask
 
 
-SAVED_MB = 256  # default host-memory budget for saved sequences
+def _pooled(name: str, settable: bool = False) -> property:
+    """An attribute of the engine's backend, read (and set) through the engine."""
 
+    def get(self: Engine) -> Any:
+        return getattr(self.pool, name)
 
-class LongRead(Exception):
-    """A request's read of its document outlasted its deadline; the read goes
-    on in the background."""
+    def put(self: Engine, value: Any) -> None:
+        setattr(self.pool, name, value)
 
-
-def _until(deadline: float, should_stop: Callable[[], bool] | None) -> Callable[[], bool]:
-    return lambda: time.monotonic() >= deadline or (should_stop is not None and should_stop())
-
-
-def window(target: list[int], n_ctx: int, headroom: int, has_bos: bool) -> tuple[list[int], int]:
-    """Fit a target into a context, leaving ``headroom`` for generation.
-
-    The kept tail starts at a multiple of a stride so that typing does not
-    shift the window (which would force a full re-feed) on every keystroke.
-    Returns the windowed target and the index of its first kept token.
-    """
-    limit = n_ctx - headroom
-    if len(target) <= limit:
-        return target, 0
-    head = target[:1] if has_bos else []
-    body = target[1:] if has_bos else target
-    room = limit - len(head)
-    stride = max(1, room // 4)
-    start = -(-(len(body) - room) // stride) * stride
-    return head + body[start:], start
+    return property(get, put if settable else None)
 
 
 class Engine:
+    """The scheduler: the engine thread, its queues, and the one decision of
+    what runs next. It drives its backend, the in-process ``SessionPool``,
+    only through ``sync``, ``state``, ``can_read``, ``drop``, ``resize``,
+    ``set_model`` and ``close_all``; jobs and idle tasks (the features' code)
+    use the backend as they need."""
+
     def __init__(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int,
                  saved_mb: int = SAVED_MB) -> None:
-        self.max_sessions = max_sessions
-        self.saved_bytes = saved_mb << 20  # budget for sequences saved in host memory
-        self.n_ctx = n_ctx
-        self.n_branches = n_branches
-        self.headroom = headroom
-        self.model: Any = None  # lsp_llm.engine.model.Model once loaded
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
-        self.saved: OrderedDict[str, SavedState] = OrderedDict()  # LRU, within saved_bytes
-        self.stats: dict[str, DocStats] = {}
+        self.pool = SessionPool(max_sessions, n_ctx, n_branches, headroom, saved_mb,
+                                interrupt=self._interrupted, is_open=lambda uri: uri in self._targets)
         self.focus: str | None = None  # the document at the cursor
         self.idle_ms_total = 0.0
         self.job_wait_ms = 0.0  # how long the last job waited to start
         self.idle_rows_total = 0
-        self.memo = GreedyMemo()  # greedy steps of the current model
-        self.tips = Tips()  # logits after recent prompts
-        self.on_progress: ProgressFn | None = None
         self._targets: dict[str, list[int]] = {}
         self._healed: dict[str, bytes] = {}
         self._dirty: OrderedDict[str, None] = OrderedDict()
@@ -199,9 +143,31 @@ class Engine:
         self._stopping = False
         self._waiting = Rank.NOTHING  # the highest rank of waiting work (lock-free reads)
         self._running_rank = Rank.NOTHING  # of the work running now (engine thread)
-        self._saved_total = 0  # bytes of self.saved
         self._thread = threading.Thread(target=self._run, name="lsp-llm-engine", daemon=True)
         self._thread.start()
+
+    # -- the backend's state, as the features read it ------------------------------
+    model = _pooled("model")
+    stats = _pooled("stats")
+    memo = _pooled("memo")
+    tips = _pooled("tips")
+    sessions = _pooled("sessions")
+    saved = _pooled("saved")
+    n_ctx = _pooled("n_ctx")
+    n_branches = _pooled("n_branches")
+    headroom = _pooled("headroom", settable=True)
+    saved_bytes = _pooled("saved_bytes", settable=True)
+    max_sessions = _pooled("max_sessions")
+    on_progress = _pooled("on_progress", settable=True)
+    exact_memo = _pooled("exact_memo")
+    saved_mb = _pooled("saved_mb")
+    decode_ms_total = _pooled("decode_ms_total")
+
+    def fit(self, target: list[int]) -> list[int]:
+        return self.pool.fit(target)
+
+    def session(self, uri: str) -> Session:
+        return self.pool.session(uri, self.focus)
 
     # -- called from any thread ----------------------------------------------
     def update(self, uri: str, target: list[int], doc_tokens: int, healed: bytes = b"", focus: bool = True) -> None:
@@ -232,7 +198,7 @@ class Engine:
             if self.focus == uri:
                 self.focus = None
             self._refresh()
-        self.submit(lambda: self._drop(uri))
+        self.submit(lambda: self.pool.drop(uri))
 
     def prepare(self, uri: str, kind: str, tasks: list[IdleTask], prompt: list[int]) -> None:
         """Idle work left by a request made for ``prompt`` (the document's
@@ -298,17 +264,9 @@ class Engine:
             self._refresh()
         return job.future
 
-    @property
-    def exact_memo(self) -> GreedyMemo | None:
-        """The memo, if this CPU's batch rule is exact (else reuse could
-        change items)."""
-        return self.memo if self.model is not None and self.model.batch_rule.exact else None
-
     # -- what runs next: the one place -------------------------------------------
     def state(self, uri: str) -> DocState:
-        if uri in self.sessions:
-            return DocState.LIVE
-        return DocState.SAVED if uri in self.saved else DocState.UNREAD
+        return self.pool.state(uri)
 
     def _refresh(self) -> None:
         """Under the lock, after any queue changed: the rank of the highest
@@ -323,7 +281,7 @@ class Engine:
             return Rank.NOTHING
         if self.focus in self._dirty:
             return Rank.FOCUS
-        if any(u in self.sessions for u in self._dirty):
+        if any(self.pool.state(u) is DocState.LIVE for u in self._dirty):
             return Rank.SYNC
         if any(plan.next() is not None for plan in self._plans.values()):
             return Rank.IDLE
@@ -356,7 +314,7 @@ class Engine:
             return None
         if self.focus in self._dirty:
             return _Sync(self.focus, self._targets[self.focus], Rank.FOCUS)
-        edited = next((u for u in reversed(self._dirty) if u in self.sessions), None)
+        edited = next((u for u in reversed(self._dirty) if self.pool.state(u) is DocState.LIVE), None)
         if edited is not None:
             return _Sync(edited, self._targets[edited], Rank.SYNC)
         idle = self._next_idle()
@@ -370,14 +328,9 @@ class Engine:
         context is free, or one can be evicted (not the focus's) and the
         saved states are within their budget (a first visit then costs a
         restore, not a read)."""
-        if len(self.sessions) >= self.max_sessions and (
-                self._evictable() is None or self._saved_total >= self.saved_bytes):
+        if not self.pool.can_read(self.focus):
             return None
-        return next((u for u in reversed(self._dirty) if u not in self.sessions), None)
-
-    def fit(self, target: list[int]) -> list[int]:
-        """The target as a session holds it (windowed to the context)."""
-        return window(target, self.n_ctx, self.headroom, bool(self.model.add_bos))[0]
+        return next((u for u in reversed(self._dirty) if self.pool.state(u) is not DocState.LIVE), None)
 
     def preparing(self) -> bool:
         """Whether idle work is left (any thread)."""
@@ -410,11 +363,6 @@ class Engine:
         }
 
     @property
-    def decode_ms_total(self) -> float:
-        """Time spent inside llama_decode since the process started."""
-        return Session.decode_seconds * 1000
-
-    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -440,18 +388,14 @@ class Engine:
                 log.exception("engine: %s failed", type(work).__name__)
             finally:
                 self._running_rank = Rank.NOTHING
-        self._close_all()
+        self.pool.close_all()
         with self._cond:
+            self._plans.clear()
             pending = list(self._jobs)
             self._jobs.clear()
         for job in pending:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(RuntimeError("the engine is shutting down"))
-
-    def _evictable(self) -> str | None:
-        """The live session to evict next: the least recently used one that
-        is not the focus."""
-        return next((u for u in list(self.sessions) if u != self.focus), None)  # (list: any thread)
 
     def _next_idle(self) -> _Idle | None:
         order = [self.focus] if self.focus in self._plans else []
@@ -531,158 +475,32 @@ class Engine:
                     queue.popleft()
                 self._refresh()
 
-    # -- engine-thread helpers (also used by jobs) --------------------------------
-    def session(self, uri: str) -> Session:
-        """The document's session, creating or recycling one (LRU). An
-        evicted document's sequence is saved in host memory (within
-        ``saved_bytes``) and restored when it comes back."""
-        s = self.sessions.get(uri)
-        if s is not None:
-            self.sessions.move_to_end(uri)
-            return s
-        if len(self.sessions) >= self.max_sessions:  # (the focus too, when it is the only one)
-            old_uri = self._evictable() or next(iter(self.sessions))
-            s = self.sessions.pop(old_uri)
-            log.debug("evicting the session of %s for %s", old_uri, uri)
-            self._save(old_uri, s)
-        else:
-            s = Session(self.model, self.n_ctx, self.n_branches, self._interrupted)
-        self.sessions[uri] = s
-        saved = self._unkeep(uri)
-        if saved is not None and s.restore(saved):
-            st = self.stats.setdefault(uri, DocStats())
-            st.cached, st.restored = len(s.tokens), st.restored + 1
-        return s
-
-    def _save(self, uri: str, s: Session) -> None:
-        """Keep an evicted session's sequence in host memory, if it fits."""
-        if uri in self._targets and s.tokens and self.saved_bytes > 0:
-            self._keep(uri, s.save())
-            while self.saved and self._saved_total > self.saved_bytes:
-                self._unkeep(next(iter(self.saved)))
-        if uri in self.stats:
-            self.stats[uri].cached = 0
-        s.reset()
-
-    def _keep(self, uri: str, state: SavedState) -> None:
-        self._unkeep(uri)
-        self.saved[uri] = state
-        self._saved_total += state.nbytes
-
-    def _unkeep(self, uri: str) -> SavedState | None:
-        state = self.saved.pop(uri, None)
-        if state is not None:
-            self._saved_total -= state.nbytes
-        return state
-
-    @property
-    def saved_mb(self) -> float:
-        return self._saved_total / (1 << 20)
-
-    def sync(
-        self,
-        uri: str,
-        target: list[int],
-        should_stop: Callable[[], bool] | None = None,
-        healed: bytes | None = None,
-        deadline: float | None = None,
-        rows: int | None = None,
-    ) -> Session:
-        """Bring the document's session to (the window of) target. The feed
-        probes the likely first tokens that start with ``healed`` (default:
-        what the documents said last). A long read (PROGRESS_MIN_TOKENS or
-        more) still going at ``deadline`` (time.monotonic) raises LongRead and
-        goes on as a background sync. ``rows`` caps the rows of a feed call."""
-        has_bos = bool(self.model.add_bos)
-        fitted, start = window(target, self.n_ctx, self.headroom, has_bos)
-        s = self.session(uri)
-        st = self.stats.setdefault(uri, DocStats())
-        progress = None
-        todo = len(fitted) - common_prefix(s.tokens, fitted)  # tokens to feed again
-        if deadline is not None and todo >= PROGRESS_MIN_TOKENS:
-            should_stop = _until(deadline, should_stop)
-        if self.on_progress is not None and todo >= PROGRESS_MIN_TOKENS:
-            report = self.on_progress
-
-            def progress(done: int, total: int) -> None:
-                report(uri, done, total)
-
-            report(uri, 0, todo)
-        fed_before = s.fed_count
-        # the first tokens most likely asked for next ride in the feed's padding
-        memo = self.exact_memo
-        start_key = GreedyMemo.prefix(fitted) if memo is not None else None
-        probe: list[int] = []
-        if memo is not None and start_key is not None:
-            typed = self._healed.get(uri, b"") if healed is None else healed
-            probe = [t for t in memo.top(start_key.digest()) if self.model.piece(t).startswith(typed)]
+    def sync(self, uri: str, target: list[int], should_stop: ShouldStop | None = None, healed: bytes | None = None,
+             deadline: float | None = None, rows: int | None = None) -> Session:
+        """Engine thread: the backend's ``sync`` (the feed probes for
+        ``healed``, by default what the document said last). A long read
+        still going at ``deadline`` raises LongRead and goes on as a
+        background sync."""
+        typed = self._healed.get(uri, b"") if healed is None else healed
         try:
-            # (a fresh read sizes the context for the whole document, windowed)
-            doc_tokens = min(st.tokens, self.n_ctx - self.headroom)
-            result: SyncResult = s.sync(fitted, should_stop, progress, probe, rows, doc_tokens)
-        except Cancelled:
-            if deadline is None or time.monotonic() < deadline:
-                raise
+            return self.pool.sync(uri, target, should_stop, typed, deadline, rows, self.focus)
+        except LongRead:
             with self._cond:  # the background takes the read over
                 if uri in self._targets:
                     self._dirty[uri] = None
                     self._refresh()
-            raise LongRead() from None
-        finally:
-            st.cached = len(s.tokens)
-            st.fed_total += s.fed_count - fed_before
-            if progress is not None:
-                report(uri, -1, todo)  # done
-        if memo is not None and start_key is not None:
-            for tok, after in result.probed.items():
-                memo.put(GreedyMemo.key(start_key, [tok]), after[0], after)
-            if s.logits is not None:
-                self.tips.put(start_key.digest(), s.logits)
-        st.window_start = start
-        if not self.memo.preparing:  # idle work guesses; the *_last counters are what the user got
-            st.reused_last, st.fed_last, st.probed_last = result.reused, result.fed, len(result.probed)
-            st.syncs += 1
-        return s
+            raise
 
     def resize(self, max_sessions: int) -> None:
-        self.max_sessions = max_sessions
-        while len(self.sessions) > max_sessions:
-            uri, s = self.sessions.popitem(last=False)
-            self._save(uri, s)
-            s.close()
-
-    def _drop(self, uri: str) -> None:
-        self._unkeep(uri)
-        s = self.sessions.pop(uri, None)
-        if s is not None:
-            s.close()
-
-    def _close_all(self) -> None:
-        for s in self.sessions.values():
-            s.close()
-        self.sessions.clear()
-        self.saved.clear()
-        self._saved_total = 0
-        with self._cond:
-            self._plans.clear()
-            self._refresh()
+        self.pool.resize(max_sessions)
 
     def set_model(self, model: Any, n_ctx: int | None = None) -> None:
         """Engine thread only: switch models, dropping every session and
         freeing the old model. The targets must already be the new model's
         (``swap_model`` sees to it)."""
-        self._close_all()
-        self.memo.clear()
-        self.tips.clear()
-        if n_ctx is not None:
-            self.n_ctx = n_ctx
-        for st in self.stats.values():
-            st.cached = 0
-        old, self.model = self.model, model
-        if old is not None and old is not model:
-            old.close()
+        self.pool.set_model(model, n_ctx)
         with self._cond:
+            self._plans.clear()
             for uri in self._targets:
                 self._dirty[uri] = None
             self._refresh()
-

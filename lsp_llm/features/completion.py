@@ -18,7 +18,8 @@ import numpy as np
 
 from ..engine.branches import Rides, Spare, extend, item_limits, walk_memo
 from ..engine.greedy import GreedyMemo
-from ..engine.scheduler import DocStats, Engine, IdleTask
+from ..engine.pool import DocStats
+from ..engine.scheduler import Engine, IdleTask
 from ..engine.session import Session, ShouldStop
 
 WORD_TOKENS = 8  # at most this many tokens to finish a word

@@ -36,7 +36,8 @@ from ..config import Settings
 from ..engine.branches import extend
 from ..engine.greedy import GreedyMemo
 from ..engine.model import FimTokens, Model
-from ..engine.scheduler import Engine, window
+from ..engine.pool import window
+from ..engine.scheduler import Engine
 from ..engine.session import Cancelled, Session, ShouldStop
 from ..text.documents import Document
 from .after_cursor import CLOSERS, OPENERS, QUOTES, covered

@@ -23,7 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ..engine.scheduler import Engine, LongRead
+from ..engine.pool import LongRead
+from ..engine.scheduler import Engine
 from ..engine.session import Cancelled
 
 log = logging.getLogger(__name__)
