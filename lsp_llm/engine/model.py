@@ -1,8 +1,9 @@
 """The llama.cpp model: loading, tokenization and canonical batch shapes.
 
 Everything here talks to llama.cpp through llama-cpp-python's low-level
-bindings. Nothing here is thread-safe except tokenization (read-only vocab);
-contexts are owned by the engine thread (see ``engine.py``).
+bindings. Nothing here is thread-safe except the vocabulary (read-only, and
+guarded: ``close`` on one thread never frees it under a call on another);
+contexts are owned by the engine thread (see ``scheduler.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import os
 import platform
 import struct
+import threading
+import time
 from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +130,12 @@ class Model:
         self.path = Path(path)
         check_gguf(self.path)
         _init_backend()
+        # the vocabulary guard: a call that uses the model counts itself in
+        # (under the lock) and ``close`` frees the model only once none is in
+        # flight, so a thread that races the free gets ModelError, never freed
+        # memory
+        self._guard = threading.Lock()
+        self._users = 0
         params = llama.llama_model_default_params()
         # Extra buffer types (weight repacking, AMX) crash or change kernels
         # on some CPUs; the plain CPU path is the one we calibrate.
@@ -134,6 +143,7 @@ class Model:
         self._model = llama.llama_model_load_from_file(str(self.path).encode(), params)
         if not self._model:
             raise ModelError(f"llama.cpp could not load model {self.path} (is it a complete GGUF file?)")
+        self._loaded = self._model  # the same pointer, for calls counted in by ``_use``
         self.threads = threads
         self.n_ubatch = n_ubatch
         self._vocab = llama.llama_model_get_vocab(self._model)
@@ -162,11 +172,15 @@ class Model:
         add = add_bos and self.add_bos
         cap = len(data) + 8
         arr = (llama.llama_token * cap)()
-        n = llama.llama_tokenize(self._live_vocab(), data, len(data), arr, cap, add, False)
-        if n < 0:  # buffer too small (cannot happen for byte-level vocabularies)
-            cap = -n
-            arr = (llama.llama_token * cap)()
-            n = llama.llama_tokenize(self._vocab, data, len(data), arr, cap, add, False)
+        vocab = self._use()
+        try:
+            n = llama.llama_tokenize(vocab, data, len(data), arr, cap, add, False)
+            if n < 0:  # buffer too small (cannot happen for byte-level vocabularies)
+                cap = -n
+                arr = (llama.llama_token * cap)()
+                n = llama.llama_tokenize(vocab, data, len(data), arr, cap, add, False)
+        finally:
+            self._done()
         return list(arr[:n])
 
     def piece(self, token: int) -> bytes:
@@ -175,11 +189,22 @@ class Model:
             raise ValueError(f"token {token} is not in the vocabulary ({self.n_vocab} tokens)")
         cached = self._pieces[token]
         if cached is None:
+            vocab = self._use()
+            try:
+                cached = self._piece_in(vocab, token)
+            finally:
+                self._done()
+        return cached
+
+    def _piece_in(self, vocab: llama.llama_vocab_p, token: int) -> bytes:
+        """``piece`` for a caller counted in by ``_use``."""
+        cached = self._pieces[token]
+        if cached is None:
             buf = ctypes.create_string_buffer(64)
-            n = llama.llama_token_to_piece(self._live_vocab(), token, buf, len(buf), 0, False)
+            n = llama.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
             if n < 0:
                 buf = ctypes.create_string_buffer(-n)
-                n = llama.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+                n = llama.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
             cached = buf.raw[:n]
             self._pieces[token] = cached
         return cached
@@ -187,9 +212,14 @@ class Model:
     def tokens_starting_with(self, prefix: bytes) -> np.ndarray:
         """Ids of the normal tokens whose text starts with prefix."""
         if self._sorted is None:
-            ids = [t for t in range(self.n_vocab) if self.piece(t) and not self.is_control(t)]
-            ids.sort(key=self.piece)
-            self._sorted = ([self.piece(t) for t in ids], np.array(ids, dtype=np.int64))
+            vocab = self._use()  # once for the whole vocabulary
+            try:
+                ids = [t for t in range(self.n_vocab)
+                       if self._piece_in(vocab, t) and not llama.llama_vocab_is_control(vocab, t)]
+            finally:
+                self._done()
+            ids.sort(key=self._pieces.__getitem__)
+            self._sorted = ([self._pieces[t] for t in ids], np.array(ids, dtype=np.int64))
         pieces, ids = self._sorted
         lo = bisect_left(pieces, prefix)
         hi = bisect_left(pieces, prefix + b"\xff" * 8, lo)
@@ -198,10 +228,18 @@ class Model:
         return ids[lo:hi]
 
     def is_control(self, token: int) -> bool:
-        return bool(llama.llama_vocab_is_control(self._vocab, token))
+        vocab = self._use()
+        try:
+            return bool(llama.llama_vocab_is_control(vocab, token))
+        finally:
+            self._done()
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama.llama_vocab_is_eog(self._vocab, token))
+        vocab = self._use()
+        try:
+            return bool(llama.llama_vocab_is_eog(vocab, token))
+        finally:
+            self._done()
 
     # -- contexts -----------------------------------------------------------
     def new_context(self, n_ctx: int, n_seq: int) -> llama.llama_context_p:
@@ -216,7 +254,11 @@ class Model:
         params.kv_unified = True  # candidates share the document's cells
         params.swa_full = True  # rewinds deeper than the sliding window stay exact
         params.no_perf = True
-        ctx = llama.llama_init_from_model(self._model, params)
+        self._use()
+        try:
+            ctx = llama.llama_init_from_model(self._loaded, params)
+        finally:
+            self._done()
         if not ctx:
             raise ModelError(f"llama.cpp could not create a context of {n_ctx} tokens (out of memory?)")
         return ctx
@@ -230,20 +272,37 @@ class Model:
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
     def close(self) -> None:
-        if self._model:
-            llama.llama_model_free(self._model)
-            self._model = None
+        """Free the model (its contexts must be freed first). From now on the
+        vocabulary is refused (ModelError); a call already in it, on another
+        thread, finishes first."""
+        with self._guard:
+            model, self._model = self._model, None
+        if not model:
+            return
+        while True:
+            with self._guard:
+                if not self._users:
+                    break
+            time.sleep(0.0005)  # a tokenization in flight: at most milliseconds
+        llama.llama_model_free(model)
 
     @property
     def closed(self) -> bool:
         return not self._model
 
-    def _live_vocab(self) -> llama.llama_vocab_p:
-        """The vocabulary, refusing to touch it once the model is freed (a
-        use-after-free would read freed memory or crash)."""
-        if not self._model:
-            raise ModelError(f"the model {self.name} was freed; its vocabulary is gone")
+    def _use(self) -> llama.llama_vocab_p:
+        """The vocabulary, for one call: refused once the model is freed (a
+        use-after-free would read freed memory or crash). Every use of the
+        model's memory goes through here and ends with ``_done``."""
+        with self._guard:
+            if not self._model:
+                raise ModelError(f"the model {self.name} was freed; its vocabulary is gone")
+            self._users += 1
         return self._vocab
+
+    def _done(self) -> None:
+        with self._guard:
+            self._users -= 1
 
 
 def _cpu_flags() -> str:
