@@ -1,5 +1,6 @@
-"""Lifecycle holes (issue 17): a freed model refuses its whole vocabulary,
-even to a call that races the free. Real llama.cpp throughout;
+"""Lifecycle holes (issue 17): a context that cannot be replaced (out of
+memory) leaves a session that is safe to use and to close; a freed model
+refuses its whole vocabulary, even to a call that races the free. Real llama.cpp throughout;
 what could crash runs in a child process, so a regression fails a test
 rather than ending the test run."""
 
@@ -100,3 +101,49 @@ def test_the_prefix_index_is_unchanged(tiny: Model) -> None:
         assert np.array_equal(fresh.tokens_starting_with(b"re"), tiny.tokens_starting_with(b"re"))
     finally:
         fresh.close()
+
+
+# -- a context that cannot be replaced ----------------------------------------------------------
+RESIZE = """
+    import resource, sys
+    import numpy as np
+    from lsp_llm.engine.model import Model, ModelError
+    from lsp_llm.engine.session import Session
+
+    def vm_kb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmSize:"):
+                return int(line.split()[1])
+
+    model = Model(sys.argv[1], threads=2)
+    s = Session(model, n_ctx=1 << 20, n_branches=2)
+    tokens = model.tokenize(b"def crab(x):\\n    return x + 1\\n\\n" * 20, True)
+    s.sync(tokens[:100])
+    before = s.logits.copy()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, ((vm_kb() + (256 << 10)) << 10, hard))  # 256 MB more, at most
+    try:
+        s.make_room(1 << 20)  # a context of a million cells: llama.cpp runs out of memory
+        print("resized")
+    except ModelError:
+        print("refused")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    print("empty" if not s.tokens and s.logits is None else "holds", flush=True)
+    s.sync(tokens[:120])  # used again: a context again, the document read again
+    s.sync(tokens[:100])
+    print("exact" if np.array_equal(s.logits, before) else "differs", flush=True)
+    s.close()
+    s.close()
+    print("closed", flush=True)
+"""
+
+
+def test_a_context_that_cannot_be_replaced_leaves_a_safe_session(tiny_model_path: Path) -> None:
+    """Out of memory while a session grows (RLIMIT_AS makes it real): the
+    error is raised, the session is empty and points at no freed context,
+    its next use opens one and reads again (exactly), and close (twice) is
+    safe. The old ``_resize`` freed the context first and kept the pointer:
+    the next use crashed (SIGSEGV)."""
+    rc, out = child(RESIZE, tiny_model_path)
+    assert (rc, out) == (0, ["refused", "empty", "exact", "closed"])

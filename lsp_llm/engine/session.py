@@ -104,17 +104,24 @@ class Session:
         # request waits); checked inside llama_decode, so cheap and never raising
         self.interrupt = interrupt
         self.rows = model.n_ubatch
-        self.batch = llama.llama_batch_init(self.rows, 0, n_branches + 1)
         # llama.cpp asks this between graph nodes: a call for idle work stops
         # within a millisecond or two when a request arrives (see ``decode``)
         self._abort = llama.ggml_abort_callback(lambda _data: self._interrupted())
-        self._open(min(n_ctx, GROW_CELLS))
+        self.ctx: llama.llama_context_p | None = None  # None: see ``_free``
+        self.mem: llama.llama_memory_t | None = None
         self.tokens: list[int] = []
         self.logits: np.ndarray | None = None
         self.fed_count = 0  # document tokens decoded, ever (cancelled feeds included)
         # logits after tokens[:n], for a few n (BOS, recent tips): syncing
         # back to such a prefix (a backspace, a guess that missed) is free
         self._logits_at: dict[int, np.ndarray] = {}
+        self._closed = False
+        self.batch = llama.llama_batch_init(self.rows, 0, n_branches + 1)
+        try:
+            self._open(min(n_ctx, GROW_CELLS))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def rule(self) -> BatchRule:
@@ -130,17 +137,37 @@ class Session:
         return self.interrupt is not None and self.interrupt()
 
     def close(self) -> None:
-        if self.ctx:
+        """Free the context and the batch (once; a closed session refuses work)."""
+        if not self._closed:
+            self._closed = True
             llama.llama_batch_free(self.batch)
-            llama.llama_free(self.ctx)
-            self.ctx = None
+            self._free()
 
     # -- the context's size --------------------------------------------------
     def _open(self, cells: int) -> None:
+        """A new, empty context of ``cells`` cells, for a session that holds
+        none. ModelError if llama.cpp cannot make one (out of memory)."""
+        assert self.ctx is None
+        if self._closed:
+            raise DecodeError("the session is closed")
+        ctx = self.model.new_context(cells, self.keeper + 1)
+        llama.llama_set_abort_callback(ctx, self._abort, None)
+        self.ctx, self.mem = ctx, llama.llama_get_memory(ctx)
         self.cells = cells  # the context's KV cells (``n_ctx`` is what limits see)
-        self.ctx = self.model.new_context(cells, self.keeper + 1)
-        self.mem = llama.llama_get_memory(self.ctx)
-        llama.llama_set_abort_callback(self.ctx, self._abort, None)
+
+    def _free(self) -> None:
+        """Free the context: the session holds nothing, and no pointer to
+        freed memory. Its next use (``_context``) opens a context again."""
+        ctx, self.ctx, self.mem = self.ctx, None, None
+        self.tokens, self.logits, self._logits_at = [], None, {}
+        if ctx:
+            llama.llama_free(ctx)
+
+    def _context(self) -> None:
+        """A session whose context could not be replaced (see ``_resize``)
+        starts over, empty, like a new one; a closed one refuses."""
+        if self.ctx is None:
+            self._open(min(self.n_ctx, GROW_CELLS))
 
     def _fit(self, tokens: int, doc_tokens: int) -> None:
         """Size the context for a target of ``tokens`` tokens: grow it, or fit
@@ -154,20 +181,25 @@ class Session:
 
     def make_room(self, cells: int) -> None:
         """Make sure the context has at least ``cells`` cells (within n_ctx)."""
+        self._context()
         if cells > self.cells and self.cells < self.n_ctx:
             self._resize(_cells_for(cells, self.n_ctx))
 
     def _resize(self, cells: int) -> None:
         """A context of another size takes the sequence over (saved and
-        restored: exact, see ``restore``)."""
+        restored: exact, see ``restore``). The old context is freed first
+        (never two at once: memory peaks stay those of one context); if the
+        new one cannot be made (out of memory), the error is raised and the
+        session is left empty, with no context: its next use opens one and
+        reads the document again."""
         state = self.save() if self.tokens else None
-        llama.llama_free(self.ctx)
+        self._free()
         self._open(cells)
-        self.reset()
         if state is not None and not self.restore(state):
             raise DecodeError("llama.cpp could not move the sequence to a bigger context")
 
     def reset(self) -> None:
+        self._context()
         llama.llama_memory_clear(self.mem, True)
         self.tokens = []
         self.logits = None
@@ -182,6 +214,8 @@ class Session:
     def save(self) -> SavedState:
         """The document sequence as host memory (see ``SavedState``). The
         session is reset or moved right after (the keeper holds its cells)."""
+        if self.ctx is None:
+            raise DecodeError("the session holds no context to save")
         llama.llama_memory_seq_cp(self.mem, DOC_SEQ, self.keeper, -1, -1)
         size = llama.llama_state_seq_get_size(self.ctx, -1)
         kv = (ctypes.c_uint8 * size)()
@@ -233,6 +267,7 @@ class Session:
             raise ValueError("a session needs at least one token")
         if len(target) > self.n_ctx:
             raise ValueError(f"{len(target)} tokens do not fit a context of {self.n_ctx}")
+        self._context()
         keep = common_prefix(self.tokens, target)
         if keep == len(target):  # target is a prefix of what we hold
             if keep == len(self.tokens) and self.logits is not None:
@@ -350,6 +385,8 @@ class Session:
 
     def decode(self, rows: int) -> None:
         """Decode the first ``rows`` rows of ``self.batch``."""
+        if self.ctx is None:
+            raise DecodeError("the session holds no context")
         t = time.perf_counter()
         rc = llama.llama_decode(self.ctx, self.batch)
         Session.decode_seconds += time.perf_counter() - t
