@@ -31,12 +31,17 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=2087)
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--engine-url", default="", metavar="URL",
+                   help="a serving engine's base URL (llama-server: http://host:8080; openai: with /v1); "
+                   "default: llama.cpp in-process. The API key comes from LSP_LLM_API_KEY")
+    p.add_argument("--engine-api", choices=("llama-server", "openai"), default="llama-server")
     return p
 
 
 def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     raw = {"model": args.model, "n_ctx": args.n_ctx, "threads": args.threads,
-           "max_sessions": args.max_sessions, "log_level": args.log_level}
+           "max_sessions": args.max_sessions, "log_level": args.log_level,
+           "engine_url": args.engine_url, "engine_api": args.engine_api}
     return Settings().update(raw)
 
 

@@ -37,9 +37,11 @@ class Settings:
     fim: bool = True  # fill in the middle, if the model declares FIM tokens
     fim_lines: int = 16  # lines after the cursor that FIM shows the model
     log_level: str = "info"
+    engine_url: str = ""  # a serving engine's base URL; empty: llama.cpp in-process (model, threads, nCtx)
+    engine_api: str = "llama-server"  # the engine's API: "llama-server" (native) or "openai" (base URL with /v1)
 
     # settings that need a new model or new contexts when they change
-    RELOAD = ("model", "n_ctx", "threads")
+    RELOAD = ("model", "n_ctx", "threads", "engine_url", "engine_api")
 
     @property
     def headroom(self) -> int:
@@ -115,6 +117,14 @@ def _one_of(*choices: str):
     return check
 
 
+def _url(v: Any) -> str:
+    if v is None or v == "":
+        return ""
+    if not isinstance(v, str) or not v.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {v!r}")
+    return v.rstrip("/")
+
+
 def _log_level(v: Any) -> str:
     if not isinstance(v, str) or v.lower() not in LOG_LEVELS:
         raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {v!r}")
@@ -139,6 +149,8 @@ _VALIDATORS = {
     "fim": _bool,
     "fim_lines": _int_in(0, 1000),
     "log_level": _log_level,
+    "engine_url": _url,
+    "engine_api": _one_of("llama-server", "openai"),
 }
 
 

@@ -31,6 +31,7 @@ class Pipe:
         self.proc = subprocess.Popen(command or SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL)
         self.next_id = 1
+        self.messages: list[str] = []  # window/showMessage texts, as they came
         general = {"positionEncodings": encodings} if encodings else {}
         got = self.ask("initialize", {"processId": None, "rootUri": None, "initializationOptions": OPTIONS,
                                       "capabilities": {"general": general}})
@@ -64,6 +65,8 @@ class Pipe:
             if not length:
                 raise EOFError("the server closed its output")
             body = json.loads(out.read(length))
+            if body.get("method") == "window/showMessage":
+                self.messages.append(body["params"]["message"])
             if body.get("id") == msg_id and "method" not in body:
                 return body
 

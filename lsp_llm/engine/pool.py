@@ -90,6 +90,8 @@ class SessionPool:
     saved (host memory, within ``saved_bytes``). Engine thread only, but for
     ``state`` and the counters."""
 
+    remote = False  # llama.cpp in this process (see ``remote.RemotePool``)
+
     def __init__(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int, saved_mb: int,
                  interrupt: Callable[[], bool], is_open: Callable[[str], bool]) -> None:
         self.max_sessions = max_sessions
@@ -134,6 +136,12 @@ class SessionPool:
         one can be evicted and saved within the budget. Any thread."""
         return len(self.sessions) < self.max_sessions or (
             self.evictable(focus) is not None and self._saved_total < self.saved_bytes)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``lsp-llm.stats``: which engine serves, and whether it is exact."""
+        rule = self.model.batch_rule if self.model is not None else None
+        return {"engine": "in-process", "model": getattr(self.model, "name", None), "slots": self.max_sessions,
+                "slots_in_use": len(self.sessions), "exact": bool(rule and rule.exact)}
 
     @property
     def decode_ms_total(self) -> float:

@@ -127,8 +127,7 @@ class Engine:
 
     def __init__(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int,
                  saved_mb: int = SAVED_MB) -> None:
-        self.pool = SessionPool(max_sessions, n_ctx, n_branches, headroom, saved_mb,
-                                interrupt=self._interrupted, is_open=lambda uri: uri in self._targets)
+        self.pool: Any = self.local_pool(max_sessions, n_ctx, n_branches, headroom, saved_mb)
         self.focus: str | None = None  # the document at the cursor
         self.idle_ms_total = 0.0
         self.job_wait_ms = 0.0  # how long the last job waited to start
@@ -162,6 +161,12 @@ class Engine:
     exact_memo = _pooled("exact_memo")
     saved_mb = _pooled("saved_mb")
     decode_ms_total = _pooled("decode_ms_total")
+
+    def local_pool(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int,
+                   saved_mb: int = SAVED_MB) -> SessionPool:
+        """A new in-process backend, whose calls this engine can stop midway."""
+        return SessionPool(max_sessions, n_ctx, n_branches, headroom, saved_mb,
+                           interrupt=self._interrupted, is_open=lambda uri: uri in self._targets)
 
     def fit(self, target: list[int]) -> list[int]:
         return self.pool.fit(target)
@@ -242,13 +247,15 @@ class Engine:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def swap_model(self, model: Any, n_ctx: int, targets: dict[str, DocTarget]) -> Future:
+    def swap_model(self, model: Any, n_ctx: int, targets: dict[str, DocTarget], pool: Any = None) -> Future:
         """Any thread: switch to model once the jobs already queued have run
         (their token ids are the old vocabulary's). The documents' targets in
         the new vocabulary replace the old ones in the same step, so no old id
         reaches the new model and no new one the old model. The old model is
-        freed on the engine thread, by then unused. See ``lifecycle.swap``."""
-        job = _Job(lambda: self.set_model(model, n_ctx), Future())
+        freed on the engine thread, by then unused. See ``lifecycle.swap``.
+        With ``pool``, the engine moves to that backend too (a remote engine,
+        whose model ``model`` is, or a new in-process pool)."""
+        job = _Job(lambda: self._switch(model, n_ctx, pool), Future())
         job.future.add_done_callback(lambda f: model.close() if f.cancelled() or f.exception() else None)
         with self._cond:
             if self._stopping:
@@ -504,3 +511,12 @@ class Engine:
             for uri in self._targets:
                 self._dirty[uri] = None
             self._refresh()
+
+    def _switch(self, model: Any, n_ctx: int, pool: Any) -> None:
+        """Engine thread: the backend (if a new one comes) and the model."""
+        if pool is not None and pool is not self.pool:
+            old, self.pool = self.pool, pool
+            old.close_all()
+            if old.model is not None:
+                old.model.close()
+        self.set_model(model, n_ctx)

@@ -151,6 +151,36 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
     return got
 
 
+REMOTE_TOP = 40  # next tokens a remote engine is asked for (vLLM allows 20 by default; llama-server more)
+
+
+def answer_remote(engine: Engine, ask: Ask, should_stop: ShouldStop) -> Answer:
+    """``answer`` on a remote engine (``engine.remote``): the likeliest next
+    tokens that start with the healed text, from the engine's top
+    log-probabilities (renormalized over those shown), each grown greedily on
+    the document's slot; the likeliest to the end of the line. A quick ask
+    grows only that one: another item shows when its first token alone
+    finishes its word."""
+    if not ask.prompt:
+        return Answer([], [], [])
+    pool, model = engine.pool, engine.model
+    top = pool.top_next(ask.uri, ask.prompt, REMOTE_TOP, should_stop, engine.focus)
+    fits = [t for t in top if t.piece.startswith(ask.healed) and not model.is_eog(t.id)][: ask.items]
+    if not fits:
+        return Answer([], [], [])
+    weights = np.exp(np.array([t.logprob for t in fits]) - fits[0].logprob)
+    choice = _Choice([t.id for t in fits], {t.id: float(w) for t, w in zip(fits, weights / weights.sum())}, [])
+    done, limits = _stops(ask, len(fits))
+    paths: list[list[int]] = []
+    for i, first in enumerate(choice.firsts):
+        if i > 0 and ask.quick:
+            paths.append([first])  # rides: shown if it is a word already
+            continue
+        paths.append([first, *pool.greedy(ask.uri, [*ask.prompt, first], limits[i] - 1, should_stop)])
+    riders = [1 << 30 if ask.quick else n for n in limits[1:]]  # a rider is finished only by its word's end
+    return _build(model, paths, choice, ask, _finished(model, paths, done, limits[:1] + riders))
+
+
 def from_memo(engine: Engine, ask: Ask) -> Answer | None:
     """The same answer as ``answer``, if the logits after the prompt are
     remembered (``Engine.tips``) and the memo knows every step of every item

@@ -440,6 +440,32 @@ def suggest(engine: Engine, req: Request, cancelled: ShouldStop, deadline: float
     return _shown(model, path, req, progress.skip, stats)
 
 
+def suggest_remote(engine: Engine, req: Request, cancelled: ShouldStop) -> Suggestion:
+    """``suggest`` on a remote engine: the likeliest first token that starts
+    with the healed text, then one greedy continuation on the document's slot
+    (up to ``inlineTokens``; the request's budget stops it), shaped by the
+    same rules."""
+    t0 = time.perf_counter()
+    stats = InlineStats()
+    pool, model = engine.pool, engine.model
+    top = pool.top_next(req.uri, req.prompt, 40, cancelled, engine.focus)
+    first = next((t.id for t in top if t.piece.startswith(req.healed) and not model.is_eog(t.id)), None)
+    if first is None:
+        return Suggestion("", 0, True, stats)
+
+    def should_stop() -> bool:
+        return cancelled() or time.perf_counter() - t0 > req.budget_s
+
+    try:
+        path = [first, *pool.greedy(req.uri, [*req.prompt, first], req.max_tokens - 1, should_stop)]
+    except Cancelled:
+        if cancelled():
+            raise
+        return Suggestion("", 0, False, stats)  # over the budget: asking again will find the slot warm
+    stats.tokens, stats.ms = len(path), (time.perf_counter() - t0) * 1000
+    return _shown(model, path, req, len(req.healed), stats)
+
+
 def _shown(model: Model, path: list[int], req: Request, skip: int, stats: InlineStats) -> Suggestion:
     """What a branch's path shows (after the healed text), and whether more can come."""
     text = b"".join(model.piece(tok) for tok in path)[skip:]

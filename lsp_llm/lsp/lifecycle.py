@@ -18,14 +18,18 @@ The old and the new vocabulary must never meet:
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 from ..config import Settings
+from ..engine.calibrate import SAMPLE
 from ..engine.default_model import default_model_path
+from ..engine.llama_server import EngineError, LlamaServer
 from ..engine.model import BatchRule, Model
+from ..engine.remote import RemotePool
 from ..engine.scheduler import Engine
 from ..text.documents import DocumentStore, Vocab
 
@@ -73,9 +77,57 @@ def vocab_of(model: Model) -> Vocab:
                  lambda b: len(model.tokens_starting_with(b)) > 0)
 
 
-def swap(store: DocumentStore, engine: Engine, model: Model, n_ctx: int) -> Future:
+def swap(store: DocumentStore, engine: Engine, model: Model, n_ctx: int, s: Settings | None = None) -> Future:
     """Event loop, one step: the documents take the new vocabulary and the
-    engine switches to model after its queued jobs. The future is done when
-    the engine has switched (and freed the old model)."""
+    engine switches to model after its queued jobs (back from a remote
+    engine: on a new in-process pool). The future is done when the engine
+    has switched (and freed the old model)."""
     targets = store.set_vocab(vocab_of(model))
-    return engine.swap_model(model, n_ctx, targets)
+    s = s or Settings()
+    pool = None if not engine.pool.remote else engine.local_pool(s.max_sessions, n_ctx, engine.n_branches,
+                                                                   s.headroom, s.saved_mb)
+    return engine.swap_model(model, n_ctx, targets, pool)
+
+
+# -- a remote engine ----------------------------------------------------------------------
+API_KEY_VARIABLE = "LSP_LLM_API_KEY"
+
+
+def connect_beside(s: Settings) -> Future[RemotePool]:
+    """Connect to the serving engine the settings name, on a daemon thread:
+    its model, slots, and whether it is exact across cache states (measured
+    now on a sample, never assumed). Raises EngineError."""
+    fut: Future[RemotePool] = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(connect(s))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting server
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="lsp-llm-connect", daemon=True).start()
+    return fut
+
+
+def connect(s: Settings) -> RemotePool:
+    if s.engine_api != "llama-server":
+        raise EngineError(f"engineApi {s.engine_api!r} is not supported yet; use \"llama-server\" "
+                          f"(llama-server's native API at {s.engine_url})", "unsupported")
+    server = LlamaServer(s.engine_url, os.environ.get(API_KEY_VARIABLE) or None)
+    try:
+        info = server.connect()
+        sample = server.tokenize(SAMPLE)
+        prompt = ([info.bos_id] if info.add_bos and info.bos_id is not None else []) + [t.id for t in sample]
+        exact = server.measure_exact(prompt)
+    except BaseException:
+        server.close()
+        raise
+    return RemotePool(server, info, s.headroom, exact)
+
+
+def swap_remote(store: DocumentStore, engine: Engine, pool: RemotePool) -> Future:
+    """``swap`` onto a remote engine: the documents take its vocabulary."""
+    model = pool.model
+    targets = store.set_vocab(Vocab(lambda b: model.tokenize(b), model.piece,
+                                    model.bos if model.add_bos else None, lambda _b: False))
+    return engine.swap_model(model, pool.n_ctx, targets, pool)

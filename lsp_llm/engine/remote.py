@@ -1,0 +1,174 @@
+"""The remote backend: documents on a serving engine's slots (llama-server's
+native API, ``llama_server.LlamaServer``), behind the same scheduler as the
+in-process pool.
+
+Each live document is pinned to a slot (LRU over the server's slots), and its
+prompt always goes as token ids, so the server's prompt cache sees the same
+prefix as the document's token mirror: ``sync`` (the scheduler's eager
+re-feed, ``n_predict: 0``) leaves the slot holding the document's newest
+text, and the request that follows reuses it. A document beyond the slots
+is simply sent again when it comes back (the cache re-reads what differs).
+
+The engine is not assumed exact: ``exact`` is what ``measure_exact`` found at
+connect (the same prompt cold, warm and after a rewind), and nothing here
+reuses work across cache states (no greedy memo, no remembered logits).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from .greedy import GreedyMemo, Tips
+from .llama_server import LlamaServer, ServerInfo, Timings, TopToken
+from .pool import DocState, DocStats, window
+from .session import ShouldStop
+
+log = logging.getLogger(__name__)
+
+
+class RemoteModel:
+    """The engine's vocabulary as the documents and features use a model's:
+    tokens and their pieces come from the server (``/tokenize`` with pieces,
+    cached)."""
+
+    fim = None  # infill (/infill) is not used yet
+    batch_rule = None
+
+    def __init__(self, server: LlamaServer, info: ServerInfo) -> None:
+        self.server = server
+        self.info = info
+        self.name = info.model
+        self.description = f"{info.model} on llama-server at {server.url}"
+        self.add_bos = info.add_bos
+        self.bos = info.bos_id
+
+    def tokenize(self, data: bytes, add_bos: bool = False) -> list[int]:
+        ids = [t.id for t in self.server.tokenize(data)]
+        return ([self.bos] if add_bos and self.add_bos and self.bos is not None else []) + ids
+
+    def piece(self, token: int) -> bytes:
+        return self.server.piece(token)
+
+    def is_eog(self, token: int) -> bool:
+        return token == self.info.eos_id
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class RemotePool:
+    """The scheduler's backend on a llama-server: a slot per live document."""
+
+    remote = True
+    exact_memo = None  # nothing is reused across cache states
+    saved_mb = 0.0
+    decode_ms_total = 0.0
+
+    def __init__(self, server: LlamaServer, info: ServerInfo, headroom: int, exact: bool) -> None:
+        self.server = server
+        self.model = RemoteModel(server, info)
+        self.exact = exact
+        self.n_ctx = info.n_ctx
+        self.n_branches = 16
+        self.headroom = headroom
+        self.max_sessions = max(1, info.n_slots)
+        self.saved_bytes = 0
+        self.sessions: OrderedDict[str, int] = OrderedDict()  # document -> its slot, LRU
+        self.saved: OrderedDict[str, Any] = OrderedDict()  # (none: a document comes back by re-sending)
+        self.stats: dict[str, DocStats] = {}
+        self.memo = GreedyMemo()  # (unused: never exact by assumption)
+        self.tips = Tips()
+        self.on_progress: Callable[[str, int, int], None] | None = None
+
+    # -- what the scheduler asks ------------------------------------------------------
+    def state(self, uri: str) -> DocState:
+        return DocState.LIVE if uri in self.sessions else DocState.UNREAD
+
+    def can_read(self, focus: str | None) -> bool:
+        return len(self.sessions) < self.max_sessions
+
+    def slot(self, uri: str, focus: str | None = None) -> int:
+        """The document's slot: its own, a free one, or the least recently
+        used one of another document (not the focus's)."""
+        if uri in self.sessions:
+            self.sessions.move_to_end(uri)
+            return self.sessions[uri]
+        taken = set(self.sessions.values())
+        free = [s for s in range(self.max_sessions) if s not in taken]
+        if free:
+            slot = free[0]
+        else:
+            old = next((u for u in self.sessions if u != focus), next(iter(self.sessions)))
+            slot = self.sessions.pop(old)
+            if old in self.stats:
+                self.stats[old].cached = 0
+        self.sessions[uri] = slot
+        return slot
+
+    def sync(self, uri: str, target: list[int], should_stop: ShouldStop | None, healed: bytes,
+             deadline: float | None = None, rows: int | None = None, focus: str | None = None) -> int:
+        """The slot's cache brought to the document's prompt (eager re-feed)."""
+        fitted = self.fit(target)
+        slot = self.slot(uri, focus)
+        timings = self.server.feed(slot, fitted, should_stop or _never)
+        self._note(uri, len(fitted), timings)
+        return slot
+
+    def fit(self, target: list[int]) -> list[int]:
+        return window(target, self.n_ctx, self.headroom, bool(self.model.add_bos))[0]
+
+    def drop(self, uri: str) -> None:
+        self.sessions.pop(uri, None)
+
+    def resize(self, max_sessions: int) -> None:
+        """The server's slots decide."""
+
+    def set_model(self, model: Any, n_ctx: int | None = None) -> None:
+        """The server's model is the only one (the documents were sent with its tokens)."""
+        if model is not self.model:
+            raise RuntimeError("a remote engine's model is the server's")
+        self.close_all()
+
+    def close_all(self) -> None:
+        self.sessions.clear()
+
+    # -- what the features ask ------------------------------------------------------------
+    def top_next(self, uri: str, prompt: list[int], n: int, should_stop: ShouldStop,
+                 focus: str | None = None) -> list[TopToken]:
+        """The n likeliest next tokens after prompt, on the document's slot."""
+        fitted = self.fit(prompt)
+        top, timings = self.server.top_next(self.slot(uri, focus), fitted, n, should_stop)
+        self._note(uri, len(fitted), timings, request=True)
+        return top
+
+    def greedy(self, uri: str, prompt: list[int], n_predict: int, should_stop: ShouldStop,
+               stop: list[str] | None = None) -> list[int]:
+        """The greedy continuation of prompt on the document's slot."""
+        [(tokens, timings)] = self.server.greedy([self.slot(uri)], [self.fit(prompt)], n_predict, should_stop, stop)
+        st = self.stats.setdefault(uri, DocStats())
+        st.generated_last += timings.predicted_n
+        st.generated_total += timings.predicted_n
+        return tokens
+
+    def _note(self, uri: str, tokens: int, timings: Timings, request: bool = False) -> None:
+        """The tokens the server reused and evaluated for a document: what a
+        keystroke costs the engine."""
+        st = self.stats.setdefault(uri, DocStats())
+        st.cached = tokens
+        st.fed_total += timings.prompt_n
+        if request:
+            st.reused_last, st.fed_last, st.generated_last = timings.cache_n, timings.prompt_n, 0
+            st.requests_total += 1
+        st.syncs += not request
+
+    def describe(self) -> dict[str, Any]:
+        """For ``lsp-llm.stats``: which engine serves, its model, the slots in use, exactness."""
+        return {"engine": "llama-server", "url": self.server.url, "model": self.model.name,
+                "slots": self.max_sessions, "slots_in_use": len(self.sessions), "exact": self.exact}
+
+
+def _never() -> bool:
+    return False

@@ -1,0 +1,117 @@
+"""lsp-llm on a shared engine: the real server over stdio (``--engine-url``)
+on a real llama-server (PyPI's xllamacpp, loopback, the default model, 2
+slots): open, type, complete, ghost text; two documents on two slots;
+tokens processed per keystroke; a wrong URL and a wrong API key."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("xllamacpp", reason="xllamacpp (the test extra) embeds llama-server")
+
+from llama_server_fixture import free_port, llama_server  # noqa: E402
+from test_trust import Pipe, completion_at, did_change, did_open  # noqa: E402
+
+TEXT = "import os\n\n\ndef walk(root):\n    for name in os.listdir(root):\n        "
+
+
+def remote(url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lsp_llm", "--engine-url", url, "--log-level", "info", *extra]
+
+
+@pytest.fixture(scope="module")
+def engine_url(default_model_file: Path) -> Iterator[str]:
+    with llama_server(default_model_file, slots=2, threads=2) as url:
+        yield url
+
+
+def stats(p: Pipe) -> dict[str, Any]:
+    return p.ask("workspace/executeCommand", {"command": "lsp-llm.stats"})["result"]
+
+
+def items(p: Pipe, uri: str, line: int, col: int) -> list[dict[str, Any]]:
+    for _ in range(50):
+        got = p.ask("textDocument/completion", completion_at(uri, line, col))["result"]["items"]
+        if got:
+            return got
+    raise AssertionError("no items")
+
+
+def test_typing_and_completing_on_llama_server(engine_url: str) -> None:
+    p = Pipe(command=remote(engine_url))
+    try:
+        uri = "file:///tmp/remote.py"
+        p.frames(did_open(uri, TEXT))
+        first = items(p, uri, 5, 8)
+        assert first and all(i["textEdit"]["range"]["start"] == {"line": 5, "character": 8} for i in first)
+        engine = stats(p)["engine"]
+        assert engine["engine"] == "llama-server" and engine["slots"] == 2 and isinstance(engine["exact"], bool)
+        # type "pri" a keystroke at a time: each request reuses the slot's cache
+        fed = []
+        for i, ch in enumerate("pri"):
+            p.frames(did_change(uri, 2 + i, 5, 8 + i, 8 + i, ch))
+            got = items(p, uri, 5, 9 + i)
+            assert all(it["textEdit"]["newText"].startswith("pri"[: i + 1]) for it in got), got
+            fed.append(stats(p)["documents"][uri]["fed_last"])
+        assert sorted(fed)[1] <= 3, fed  # tokens the engine processed per keystroke, at the median
+        ghost = p.ask("textDocument/inlineCompletion", {**completion_at(uri, 5, 11), "context": {"triggerKind": 1}})
+        assert "result" in ghost  # answered (text or nothing within the budget)
+    finally:
+        p.close()
+
+
+def test_two_documents_keep_two_slots(engine_url: str) -> None:
+    p = Pipe(command=remote(engine_url))
+    try:
+        a, b = "file:///tmp/a.py", "file:///tmp/b.py"
+        p.frames(did_open(a, TEXT), did_open(b, TEXT.replace("walk", "scan")))
+        items(p, a, 5, 8)
+        items(p, b, 5, 8)
+        again = stats(p)
+        before = again["documents"][a]["fed_total"]
+        items(p, a, 5, 8)
+        st = stats(p)
+        assert st["engine"]["slots_in_use"] == 2
+        assert st["documents"][a]["fed_total"] - before <= 3  # its slot still held it: not read again
+    finally:
+        p.close()
+
+
+def test_a_wrong_url_is_one_clear_message_and_empty_answers() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    p = Pipe(command=remote(url))
+    try:
+        uri = "file:///tmp/down.py"
+        p.frames(did_open(uri, TEXT))
+        got = p.ask("textDocument/completion", completion_at(uri, 5, 8))["result"]
+        assert got["items"] == []
+        assert any(url in m for m in p.messages), p.messages
+    finally:
+        p.close()
+
+
+def test_a_wrong_api_key_is_named(default_model_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with llama_server(default_model_file, slots=1, threads=2, api_keys=["right-key"]) as url:
+        monkeypatch.setenv("LSP_LLM_API_KEY", "wrong-key")
+        p = Pipe(command=remote(url))
+        try:
+            uri = "file:///tmp/key.py"
+            p.frames(did_open(uri, TEXT))
+            assert p.ask("textDocument/completion", completion_at(uri, 5, 8))["result"]["items"] == []
+            assert any("LSP_LLM_API_KEY" in m for m in p.messages), p.messages
+            assert not any("wrong-key" in m for m in p.messages)  # never echoed
+        finally:
+            p.close()
+        monkeypatch.setenv("LSP_LLM_API_KEY", "right-key")
+        p = Pipe(command=remote(url))
+        try:
+            uri = "file:///tmp/key.py"
+            p.frames(did_open(uri, TEXT))
+            assert items(p, uri, 5, 8)
+        finally:
+            p.close()
