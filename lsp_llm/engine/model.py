@@ -136,6 +136,7 @@ class Model:
         # memory
         self._guard = threading.Lock()
         self._users = 0
+        self.aborted = False  # see ``abort``
         params = llama.llama_model_default_params()
         # Extra buffer types (weight repacking, AMX) crash or change kernels
         # on some CPUs; the plain CPU path is the one we calibrate.
@@ -289,6 +290,13 @@ class Model:
     @property
     def closed(self) -> bool:
         return not self._model
+
+    def abort(self) -> None:
+        """The process is ending (LSP shutdown/exit): every decode call of
+        this model's sessions stops midway, within a graph node, rather than
+        at its end (under load one call can take seconds). For good: a
+        session of an aborted model never decodes again (``Cancelled``)."""
+        self.aborted = True
 
     def _use(self) -> llama.llama_vocab_p:
         """The vocabulary, for one call: refused once the model is freed (a

@@ -134,7 +134,7 @@ class Session:
         return rows - rows % self.rule.multiple
 
     def _interrupted(self) -> bool:
-        return self.interrupt is not None and self.interrupt()
+        return self.model.aborted or (self.interrupt is not None and self.interrupt())
 
     def close(self) -> None:
         """Free the context and the batch (once; a closed session refuses work)."""
