@@ -21,11 +21,12 @@ from pygls.protocol.language_server import lsp_method
 from .. import __version__
 from ..config import Settings, apply_log_level
 from ..engine.default_model import cache_dir
+from ..engine.llama_server import EngineError
 from ..engine.scheduler import Engine
 from ..engine.session import DecodeError
 from ..features.after_cursor import covered
-from ..features.completion import Ask, Candidate, answer, from_memo, next_keystrokes
-from ..features.inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest
+from ..features.completion import Ask, Candidate, answer, answer_remote, from_memo, next_keystrokes
+from ..features.inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest, suggest_remote
 from ..features.inline import Request as InlineRequest
 from ..text.documents import Document, DocumentError, DocumentStore, Encoding, count, decode, encode
 from . import lifecycle
@@ -41,6 +42,7 @@ TRIGGERS = [".", "(", "[", ",", " ", "="]
 _DROPPED = object()  # a message answered with an error while parsing it
 AT_ARRIVAL = (t.TEXT_DOCUMENT_COMPLETION, t.TEXT_DOCUMENT_INLINE_COMPLETION)  # take their text when read
 MAX_ARRIVED = 64  # arrivals kept for requests whose handler has not run yet
+MAX_CONNECT_DELAY_S = 30.0  # the longest wait between tries to reach a remote engine
 T = TypeVar("T")
 
 
@@ -127,6 +129,8 @@ class Server(LanguageServer):
         self._serving: Settings | None = None  # the settings the serving model was loaded with
         self._progress = ProgressReporter(self)
         self._arrived: dict[Any, Arrival] = {}  # by request id, until its handler takes it
+        self._faults: set[str] = set()  # kinds of remote engine fault told to the user
+        self._connect_delay = 1.0  # seconds before the next try to reach a remote engine
         self.engine.on_progress = self._progress.from_engine
 
     @property
@@ -141,10 +145,12 @@ class Server(LanguageServer):
 
     # -- model ------------------------------------------------------------------
     async def load_model(self) -> bool:
-        """Load (or reload) the model on the engine thread, with progress,
+        """Load (or reload) the model beside the serving one, with progress,
         then swap it in with its vocabulary (see ``lifecycle``). A failed
-        reload keeps the old model serving."""
+        reload keeps the old model serving. With ``engineUrl``: connect."""
         s = self.settings
+        if s.engine_url:
+            return await self.connect_engine(s)
         title = "lsp-llm: loading " + (Path(s.model).name if s.model else "the default model")
         self.loading = Path(s.model).name if s.model else "the default model"
         loading = asyncio.wrap_future(lifecycle.load_beside(s, cache_dir()))  # the old model serves meanwhile
@@ -154,12 +160,46 @@ class Server(LanguageServer):
                     model = await loading
                 finally:
                     self.loading = None
-                await asyncio.wrap_future(lifecycle.swap(self.store, self.engine, model, lifecycle.n_ctx_for(s, model)))
+                await asyncio.wrap_future(lifecycle.swap(self.store, self.engine, model, lifecycle.n_ctx_for(s, model),
+                                                         s))
             except Exception as e:  # ModelError and llama.cpp failures alike
                 return self._load_failed(e)
         self.model_name, self._serving = model.name, s
         log.info("model %s ready (%s); batch rule %s", model.name, model.description, model.batch_rule)
         return True
+
+    async def connect_engine(self, s: Settings) -> bool:
+        """Connect to a serving engine and move the documents onto it. While
+        it cannot be reached: one message, then retries with backoff, and
+        completions answer empty at once."""
+        async with self._progress.task(f"lsp-llm: connecting to {s.engine_url}"):
+            try:
+                pool = await asyncio.wrap_future(lifecycle.connect_beside(s))
+                await asyncio.wrap_future(lifecycle.swap_remote(self.store, self.engine, pool))
+            except EngineError as e:
+                self.engine_fault(e)
+                self._retry_connect(s)
+                return False
+        self.model_name, self._serving, self._connect_delay = pool.model.name, s, 1.0
+        self._faults.clear()
+        log.info("serving on %s (exact across cache states: %s)", pool.model.description, pool.exact)
+        return True
+
+    def _retry_connect(self, s: Settings) -> None:
+        def again() -> None:
+            if self.settings is s and self._serving is not s:  # not replaced or connected meanwhile
+                self.ready = asyncio.ensure_future(self.load_model())
+
+        asyncio.get_running_loop().call_later(self._connect_delay, again)
+        self._connect_delay = min(self._connect_delay * 2, MAX_CONNECT_DELAY_S)
+
+    def engine_fault(self, e: EngineError) -> None:
+        """A remote engine's fault: told once per kind until it serves again."""
+        if e.kind not in self._faults:
+            self._faults.add(e.kind)
+            self.tell(t.MessageType.Error, e.message)
+        else:
+            log.warning("%s", e.message)
 
     def _load_failed(self, e: Exception) -> bool:
         """Tell the user; the model already serving, if any, goes on (and the
@@ -258,11 +298,17 @@ class Server(LanguageServer):
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
+        except EngineError as e:
+            self.engine_fault(e)
+            return at.items([])
+        self._faults.clear()
         return at.items(cands or [])
 
     def _answer(self, ask: Ask, ticket: Ticket) -> list[Candidate]:
         """Engine thread: the items, then idle work for the next keystrokes."""
         started = ticket.age_ms()
+        if self.engine.pool.remote:
+            return answer_remote(self.engine, ask, ticket.should_stop).candidates
         got = answer(self.engine, ask, ticket.should_stop, ticket.deadline)
         st = self.engine.stats.get(ask.uri)
         if st is not None and log.isEnabledFor(logging.DEBUG):
@@ -304,6 +350,9 @@ class Server(LanguageServer):
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
+        except EngineError as e:
+            self.engine_fault(e)
+            return None
         if found is None:
             return None  # a newer request replaced it, or a long read goes on in the background
         old = self.inline.stats.get(uri)
@@ -315,6 +364,8 @@ class Server(LanguageServer):
 
     def _suggest(self, req: InlineRequest, ticket: Ticket) -> Suggestion:
         """Engine thread: the suggestion, then idle work that extends it."""
+        if self.engine.pool.remote:
+            return suggest_remote(self.engine, req, ticket.should_stop)
         found = suggest(self.engine, req, ticket.should_stop, ticket.deadline)
         if not ticket.cancel.is_set():
             self._prepare_inline(req)
@@ -491,6 +542,7 @@ def build(settings: Settings) -> Server:
             **ls.engine.idle_stats(),
             "fim": bool(ls.settings.fim and ls.engine.model is not None and ls.engine.model.fim is not None),
             "documents": {u: s.as_dict() for u, s in list(ls.engine.stats.items())},
+            "engine": ls.engine.pool.describe(),
         }
 
     @server.command(DOCUMENT_COMMAND)
