@@ -22,8 +22,9 @@ from .. import __version__
 from ..config import Settings, apply_log_level
 from ..engine.default_model import cache_dir
 from ..engine.llama_server import EngineError
+from ..engine.pool import LongRead
 from ..engine.scheduler import Engine
-from ..engine.session import DecodeError
+from ..engine.session import Cancelled, DecodeError
 from ..features.after_cursor import covered
 from ..features.completion import Ask, Candidate, answer, answer_remote, from_memo, next_keystrokes
 from ..features.inline import FIM_SESSION, Inline, Suggestion, extend_task, request_at, suggest, suggest_remote
@@ -252,6 +253,9 @@ class Server(LanguageServer):
             self._arrived[msg_id] = Arrival(doc.data, prepare(doc.uri, params.position))
         except DocumentError as e:
             self._arrived[msg_id] = Arrival(doc.data, e)
+        except EngineError as e:  # a remote tokenizer: the request answers empty
+            self.engine_fault(e)
+            self._arrived[msg_id] = Arrival(doc.data, DocumentError(e.message))
 
     async def at_arrival(self, params: Any, prepare: Callable[[str, t.Position], T]) -> T | None:
         """What a request took from its document when it was read (see
@@ -304,11 +308,25 @@ class Server(LanguageServer):
         self._faults.clear()
         return at.items(cands or [])
 
+    @staticmethod
+    def _within_budget(ticket: Ticket, fn: Callable[[Callable[[], bool]], T]) -> T:
+        """A remote engine's work within the request's budget (``readBudgetMs``),
+        as a long read in-process: past it, the request answers empty."""
+        def stop() -> bool:
+            return ticket.should_stop() or (ticket.deadline is not None and time.monotonic() > ticket.deadline)
+
+        try:
+            return fn(stop)
+        except Cancelled:
+            if ticket.should_stop():
+                raise
+            raise LongRead() from None
+
     def _answer(self, ask: Ask, ticket: Ticket) -> list[Candidate]:
         """Engine thread: the items, then idle work for the next keystrokes."""
         started = ticket.age_ms()
         if self.engine.pool.remote:
-            return answer_remote(self.engine, ask, ticket.should_stop).candidates
+            return self._within_budget(ticket, lambda stop: answer_remote(self.engine, ask, stop).candidates)
         got = answer(self.engine, ask, ticket.should_stop, ticket.deadline)
         st = self.engine.stats.get(ask.uri)
         if st is not None and log.isEnabledFor(logging.DEBUG):
@@ -486,6 +504,8 @@ def build(settings: Settings) -> Server:
         doc = params.text_document
         try:
             ls.store.change(doc.uri, doc.version, changes, ls.encoding)
+        except EngineError as e:  # a remote engine's tokenizer: the text is applied, its tokens come later
+            ls.engine_fault(e)
         except DocumentError as e:
             if doc.uri in ls.store.docs:  # a bad change to an open document: the mirror is stale
                 ls.tell(t.MessageType.Warning, f"{e}; completions for this file pause until it is reopened")

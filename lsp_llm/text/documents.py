@@ -157,9 +157,13 @@ class Document:
         new = encode(text)
         self.data = self.data[:start] + new + self.data[end:]
         self._index_lines()
-        if self.mirror is not None:
-            self.mirror.splice(self.data, start, end, start + len(new))
         self.cursor = start + len(new)
+        if self.mirror is not None:
+            try:
+                self.mirror.splice(self.data, start, end, start + len(new))
+            except Exception:  # a remote tokenizer that failed: the text is right, the tokens come later
+                self.mirror = None
+                raise
 
     def replace_all(self, text: str) -> None:
         self.data = encode(text)
@@ -171,8 +175,10 @@ class Document:
     # -- what the model must hold ---------------------------------------------
     def target(self, offset: int | None = None) -> list[int]:
         """BOS + the tokens of the text before offset (default: the cursor)."""
-        if self.mirror is None or self.vocab is None:
+        if self.vocab is None:
             raise DocumentError("no model is loaded yet")
+        if self.mirror is None:  # its tokens were lost to a tokenizer that failed: read them again
+            self.mirror = TokenMirror(self.vocab.tokenize, self.vocab.piece, self.data)
         pos = self.cursor if offset is None else offset
         ids = self.mirror.prefix(self.data, pos)
         return ([self.vocab.bos] if self.vocab.bos is not None else []) + ids
