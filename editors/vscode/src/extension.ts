@@ -14,7 +14,8 @@ import {
 
 const SECTION = 'lsp-llm';
 /** Settings forwarded to the server (the rest are for the extension itself). */
-const SERVER_KEYS = ['model', 'nCtx', 'threads', 'maxSessions', 'items', 'lineTokens', 'waitFor', 'logLevel'] as const;
+const SERVER_KEYS = ['model', 'nCtx', 'threads', 'maxSessions', 'items', 'lineTokens', 'waitFor', 'logLevel',
+  'engineUrl', 'engineApi'] as const;
 /** Settings that need a new server process when they change. */
 const RESTART_KEYS = ['serverCommand', 'serverArgs'];
 
@@ -39,6 +40,7 @@ export function serverSettings(cfg: vscode.WorkspaceConfiguration = vscode.works
     const value = cfg.get(key);
     if (value === undefined || value === null || value === '') {
       if (key === 'model') out.model = null;
+      if (key === 'engineUrl') out.engineUrl = '';  // back to in-process
       continue;
     }
     out[key] = value;
