@@ -67,6 +67,9 @@ class EngineError(Exception):
         self.message = message
         self.kind = kind
 
+    def __reduce__(self) -> tuple[type[EngineError], tuple[str, str]]:
+        return (EngineError, (self.message, self.kind))
+
 
 @dataclass(frozen=True)
 class Token:
@@ -220,7 +223,8 @@ class LlamaServer:
         return self._call(self._tokenize(text), should_stop)
 
     def piece(self, id: int) -> bytes:
-        """The bytes of token ``id``: from every tokenize and n_probs answer, else asked for."""
+        """The bytes of token ``id``: from every tokenize and n_probs answer, else asked for
+        (``/detokenize``, whose text loses a piece that is not valid UTF-8 on its own)."""
         known = self._pieces.get(id)
         if known is None:
             known = self._call(self._piece(id), _never)
@@ -294,11 +298,23 @@ class LlamaServer:
             raise ValueError(f"slot {slot} out of range: llama-server at {self.url} has {n} slots")
         return slot
 
+    async def _send(self, method: str, path: str, body: dict[str, Any] | None, stream: bool) -> httpx.Response:
+        """Send a request; once more on a fresh connection when a kept-alive one turns out to
+        have been closed by the server (idle timeout) before any answer came."""
+        for attempt in range(2):
+            request = self._http.build_request(method, path, json=body)
+            try:
+                return await self._http.send(request, stream=stream)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+                if attempt:
+                    raise self._transport_fault(e, path) from None
+                log.debug("llama-server at %s closed a kept-alive connection (%s): again", self.url, e)
+            except httpx.HTTPError as e:
+                raise self._transport_fault(e, path) from None
+        raise AssertionError("unreachable")
+
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        try:
-            response = await self._http.request(method, path, json=body)
-        except httpx.HTTPError as e:
-            raise self._transport_fault(e, path) from None
+        response = await self._send(method, path, body, stream=False)
         if response.status_code != 200:
             raise self._status_fault(response, path)
         try:
@@ -308,18 +324,19 @@ class LlamaServer:
 
     async def _events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The streamed answers of one ``/completion`` request."""
-        body = {"cache_prompt": True, **body, "stream": True}
+        response = await self._send("POST", "/completion", {"cache_prompt": True, **body, "stream": True}, stream=True)
         try:
-            async with self._http.stream("POST", "/completion", json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise self._status_fault(response, "/completion")
-                async for line in response.aiter_lines():
-                    event = self._event(line)
-                    if event is not None:
-                        yield event
+            if response.status_code != 200:
+                await response.aread()
+                raise self._status_fault(response, "/completion")
+            async for line in response.aiter_lines():
+                event = self._event(line)
+                if event is not None:
+                    yield event
         except httpx.HTTPError as e:
             raise self._transport_fault(e, "/completion") from None
+        finally:
+            await response.aclose()  # on a cancel too: the connection closes with the request unfinished
 
     def _event(self, line: str) -> dict[str, Any] | None:
         name, _, data = line.partition(":")
@@ -338,11 +355,14 @@ class LlamaServer:
     async def _one(self, body: dict[str, Any]) -> tuple[dict[str, Any], Timings]:
         """One prompt's first answer (the one with probabilities) and the final timings."""
         first: dict[str, Any] | None = None
-        async for event in self._events(body):
+        timings: Timings | None = None
+        async for event in self._events(body):  # to the end: the connection goes back to the pool
             first = first or event
             if event.get("stop"):
-                return first, _timings(event)
-        raise EngineError(f"llama-server at {self.url} ended /completion without a final answer", "protocol")
+                timings = _timings(event)
+        if first is None or timings is None:
+            raise EngineError(f"llama-server at {self.url} ended /completion without a final answer", "protocol")
+        return first, timings
 
     async def _many(self, body: dict[str, Any], n: int) -> list[tuple[list[int], Timings]]:
         """Tokens and timings of each of ``n`` prompts sent in one request."""
@@ -407,7 +427,7 @@ class LlamaServer:
         models = await self._optional("GET", "/v1/models")
         model = (models or {}).get("data") or [{}]
         path = str(props.get("model_path") or model[0].get("id") or "")
-        n_slots = props.get("total_slots") or len(await self._json("GET", "/slots"))
+        n_slots = props.get("total_slots") or len(await self._optional("GET", "/slots") or [None])
         bos_start = (await self._json("POST", "/tokenize", {"content": "", "add_special": True})).get("tokens") or []
         bos, eos = props.get("bos_token"), props.get("eos_token")
         return ServerInfo(
