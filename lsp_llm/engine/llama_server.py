@@ -9,7 +9,8 @@ raises ``Cancelled``.
 Server behaviour this relies on (measured with llama.cpp's server through xllamacpp):
 
 - ``/completion`` requests are streamed (``"stream": true``): the server notices a closed
-  connection at its next write, so a cancelled generation frees its slot at once. Without
+  connection at its next write (connections close with a reset, so the first write fails) and
+  stops the task between decode steps: a cancelled generation decoded 0-2 more tokens. Without
   streaming it went on generating for tens of seconds after the client had gone.
 - A prompt given as token ids gets no BOS added: callers send it (``ServerInfo.bos_id``).
 - ``n_predict: 0`` still samples (and streams) one token; ``n_probs`` are raw (pre-sampling).
@@ -201,6 +202,7 @@ class LlamaServer:
         self.last_exact: ExactRuns | None = None
         self._has_key = bool(api_key)
         self._pieces: dict[int, bytes] = {}
+        self._closed = False
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
         self._loop = _Loop()
@@ -256,6 +258,8 @@ class LlamaServer:
         one request; with them, prompt i runs on ``slots[i]`` (one request each, concurrently)."""
         if slots is not None and len(slots) != len(prompts):
             raise ValueError("one slot per prompt")
+        if not prompts:
+            return []
         for slot in slots or []:
             self._slot(slot)
         return self._call(self._greedy(slots, prompts, n_predict, stop), should_stop)
@@ -273,6 +277,9 @@ class LlamaServer:
         return self._call(self._json("GET", "/slots"), _never)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._call(self._http.aclose(), _never)
         finally:
