@@ -46,6 +46,7 @@ class Figures:
     unanswered: int = 0  # no answer within ANSWER_S
     bad_inputs: int = 0
     bad_answered_right: int = 0
+    bad_answered_wrong: int = 0  # another answer, or none: a failure
     mirror_checks: int = 0
     mirror_mismatches: int = 0
     bad_ranges: int = 0  # textEdits not ending at the cursor or not covering the item's start
@@ -60,7 +61,8 @@ class Figures:
                 f"({self.with_items} with items), {self.cancels} cancels ({self.cancelled} answered "
                 f"RequestCancelled), {self.requests} requests, {self.answered} answered, "
                 f"{self.unanswered} unanswered; {self.bad_inputs} bad inputs ({self.bad_answered_right} answered "
-                f"as expected); mirror checks {self.mirror_checks}, mismatches {self.mirror_mismatches}; "
+                f"as expected, {self.bad_answered_wrong} not); mirror checks {self.mirror_checks}, "
+                f"mismatches {self.mirror_mismatches}; "
                 f"bad ranges {self.bad_ranges}; crashes {self.crashes}\n"
                 f"RSS MB: start {start:.0f}, end {end:.0f}, peak {peak:.0f}, growth {end - start:+.0f}\n"
                 f"RSS over time (MB): {series}")
@@ -200,21 +202,37 @@ class Soak:
         self.fig.answered += 1
 
     async def bad(self) -> None:
-        """Bad input: each must get its error (or its empty answer)."""
+        """Bad input: each must get its error (InvalidParams), its empty
+        answer (an unknown document), or be logged and ignored (a change to
+        a document never opened) with the server still serving; anything
+        else counts as a failure."""
         doc = self.rng.choice(self.docs)
         self.fig.bad_inputs += 1
+        right = False
+        kind = self.rng.random()
         try:
-            if self.rng.random() < 0.5:
-                await self.request(t.TEXT_DOCUMENT_COMPLETION, {
-                    "textDocument": {"uri": doc.uri}, "position": {"line": -1, "character": 0}}, raw=True)
-            else:
+            if kind < 0.4:
+                try:
+                    await self.request(t.TEXT_DOCUMENT_COMPLETION, {
+                        "textDocument": {"uri": doc.uri}, "position": {"line": -1, "character": 0}}, raw=True)
+                except JsonRpcException as e:
+                    right = e.code == -32602
+            elif kind < 0.8:
                 res = await self.request(t.TEXT_DOCUMENT_COMPLETION, t.CompletionParams(
                     text_document=t.TextDocumentIdentifier(uri="file:///soak/nowhere.py"), position=t.Position(0, 0)))
-                self.fig.bad_answered_right += isinstance(res, t.CompletionList) and not res.items
-        except JsonRpcException as e:
-            self.fig.bad_answered_right += e.code == -32602
-        except asyncio.TimeoutError:
+                right = isinstance(res, t.CompletionList) and not res.items
+            else:
+                assert self.server is not None
+                self.server.client.text_document_did_change(t.DidChangeTextDocumentParams(
+                    text_document=t.VersionedTextDocumentIdentifier(uri="file:///soak/never-opened.py", version=2),
+                    content_changes=[t.TextDocumentContentChangeWholeDocument(text="x")]))
+                got = await self.request(t.WORKSPACE_EXECUTE_COMMAND, t.ExecuteCommandParams(
+                    command="lsp-llm.document", arguments=[doc.uri]))
+                right = isinstance(got, dict) and got.get("sha256") == doc.sha256
+        except (JsonRpcException, asyncio.TimeoutError):
             pass
+        self.fig.bad_answered_right += right
+        self.fig.bad_answered_wrong += not right
 
     async def check_mirrors(self) -> None:
         for doc in self.docs:
@@ -310,5 +328,5 @@ def main(argv: list[str]) -> int:
     print(fig.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(fig), indent=1))
-    failed = fig.crashes or fig.unanswered or fig.mirror_mismatches or fig.bad_ranges
+    failed = fig.crashes or fig.unanswered or fig.mirror_mismatches or fig.bad_ranges or fig.bad_answered_wrong
     return 1 if failed else 0
