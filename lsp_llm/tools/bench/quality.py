@@ -42,6 +42,7 @@ from typing import Any, Protocol
 from lsprotocol import types as t
 
 from ..client import StdioServer, completion_items, inline_items, inline_text
+from ..editor_text import EditorText
 from .engines import Settings, find_llama_server, load_llama
 from .traces import Pos, TokenCounter, offset_of, read_source, stdlib_files
 
@@ -235,12 +236,12 @@ class LspSuggester:
         self.pos = (self.pos[0], self.pos[1] + len(s))
 
     def _typed(self, character: int) -> str | None:
-        """The text of the cursor's line from a UTF-16 column to the cursor (ASCII lines)."""
+        """The text of the cursor's line from an LSP column to the cursor."""
         line, col = self.pos
-        if character > col:
-            return None
         start = offset_of(self.text or "", (line, 0))
-        return (self.text or "")[start + character : start + col]
+        head = (self.text or "")[start : start + col]
+        at = EditorText("", head, self.editor.encoding).index(t.Position(0, character))
+        return None if at is None else head[at:]
 
     async def ghost(self) -> str:
         result = await asyncio.wait_for(self.editor.inline(self.uri, self.text or "", self.pos).future, self.timeout)
