@@ -21,7 +21,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _params(model: Path, slots: int, threads: int, api_keys: list[str] | None) -> Any:
+def _params(model: Path, slots: int, threads: int, api_keys: list[str] | None, port: int | None = None) -> Any:
     import xllamacpp as xlc
 
     p = xlc.CommonParams()
@@ -31,7 +31,7 @@ def _params(model: Path, slots: int, threads: int, api_keys: list[str] | None) -
     p.cpuparams.n_threads = threads
     p.cpuparams_batch.n_threads = threads
     p.hostnames = ["127.0.0.1"]  # loopback only
-    p.port = free_port()
+    p.port = port or free_port()
     p.no_extra_bufts = True  # weight repacking hangs or is slow on some CPUs
     # Gemma 3's sliding-window layers: without a full-size cache, a prompt shorter than the
     # window re-evaluates ~5 tokens from a checkpoint on every request (cache_n = n - 5)
@@ -56,11 +56,13 @@ def _wait_ready(url: str, api_key: str | None) -> None:
 
 
 @contextmanager
-def llama_server(model: Path, slots: int = 2, threads: int = 2, api_keys: list[str] | None = None) -> Iterator[str]:
+def llama_server(
+    model: Path, slots: int = 2, threads: int = 2, api_keys: list[str] | None = None, port: int | None = None
+) -> Iterator[str]:
     """The base URL of a llama-server serving ``model`` until the block ends."""
     import xllamacpp as xlc
 
-    params = _params(model, slots, threads, api_keys)
+    params = _params(model, slots, threads, api_keys, port)
     server = xlc.Server(params)
     url = f"http://127.0.0.1:{params.port}"
     try:

@@ -5,7 +5,6 @@ tiny model whose vocabulary declares FIM tokens."""
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -33,6 +32,7 @@ from lsp_llm.features.inline import (
     shape,
     suggest,
 )
+from lsp_llm.lsp import lifecycle
 from lsp_llm.text.documents import Document, Vocab
 
 FOUR = Rules(lines=4)
@@ -157,9 +157,7 @@ def test_type_through_answers_the_rest_of_what_was_shown() -> None:
     cache = Inline()
     before, after = b"def f():\n    ", b"\n\nx = 1\n"
     cache.show("u", before, after, Suggestion("return 1\n    pass", False, True))
-    t = time.perf_counter()
-    hit = cache.type_through("u", before + b"ret" + after, len(before) + 3)
-    assert (time.perf_counter() - t) * 1000 < 10
+    hit = cache.type_through("u", before + b"ret" + after, len(before) + 3)  # (bytes compared: no engine)
     assert hit is not None and hit.text == "urn 1\n    pass"
     assert cache.type_through("u", before + b"rex" + after, len(before) + 3) is None  # typed something else
     assert cache.type_through("u", before + b"ret" + after + b"!", len(before) + 3) is None  # text after changed
@@ -177,8 +175,7 @@ def test_type_through_answers_the_rest_of_what_was_shown() -> None:
 
 # -- the engine path (tiny model) ---------------------------------------------------------
 def vocab_of(model: Model) -> Vocab:
-    return Vocab(lambda b: model.tokenize(b, add_bos=False), model.piece, model.bos if model.add_bos else None,
-                 lambda b: len(model.tokens_starting_with(b)) > 0)
+    return lifecycle.vocab_of(model)  # as the server's documents hold it (FIM tokens included)
 
 
 def run(engine: Engine, req: Request) -> Suggestion:
@@ -317,6 +314,8 @@ async def test_ghost_text_end_to_end(client: LanguageClient) -> None:
     assert items[0].range == t.Range(t.Position(5, 4), t.Position(5, 4))
     # type-through: typing what it shows answers the rest, with no engine job
     shown = items[0].insert_text
+    engine_made = (await client.workspace_execute_command_async(t.ExecuteCommandParams(
+        command="lsp-llm.stats", arguments=[uri])))["inline"]
     client.text_document_did_change(t.DidChangeTextDocumentParams(
         text_document=t.VersionedTextDocumentIdentifier(uri=uri, version=2),
         content_changes=[t.TextDocumentContentChangePartial(
@@ -325,7 +324,10 @@ async def test_ghost_text_end_to_end(client: LanguageClient) -> None:
     assert [it.insert_text for it in items] == [shown[3:]]
     st = await client.workspace_execute_command_async(t.ExecuteCommandParams(
         command="lsp-llm.stats", arguments=[uri]))
-    assert st["inline"]["type_through"] == 1 and st["inline"]["type_through_ms"] < 10
+    assert st["inline"]["type_through"] == 1
+    # no engine job answered it: an engine answer replaces the request's stats (time, calls, tokens fed)
+    assert {k: v for k, v in st["inline"].items() if not k.startswith("type_through")} == \
+        {k: v for k, v in engine_made.items() if not k.startswith("type_through")}
     assert (await client.workspace_execute_command_async(
         t.ExecuteCommandParams(command="lsp-llm.stats")))["fim"] is False  # Gemma 3 declares no FIM tokens
     # before a closing bracket, in UTF-16 units

@@ -284,7 +284,7 @@ async def test_a_reload_loads_beside_the_serving_model(default_model_file: Path,
         else:
             raise AssertionError("the reload never started")
         # a completion that needs the engine (another line), answered while the new model loads
-        assert (await complete(server, uri, 4, 8)).items
+        assert (await complete(server, uri, 4, 8, timeout=120)).items
         assert (await server.command("lsp-llm.stats"))["loading"], "answered only after the load"
         for _ in range(600):  # then the new model serves
             if not (await server.command("lsp-llm.stats"))["loading"]:

@@ -115,3 +115,21 @@ def test_a_wrong_api_key_is_named(default_model_file: Path, monkeypatch: pytest.
             assert items(p, uri, 5, 8)
         finally:
             p.close()
+
+
+def test_the_engine_lost_and_back_mid_session(default_model_file: Path) -> None:
+    port = free_port()
+    with llama_server(default_model_file, slots=1, threads=2, port=port) as url:
+        p = Pipe(command=remote(url))
+        uri = "file:///tmp/lost.py"
+        p.frames(did_open(uri, TEXT))
+        assert items(p, uri, 5, 8)
+    try:  # the engine is gone: empty answers, one message that names it
+        for _ in range(3):
+            assert p.ask("textDocument/completion", completion_at(uri, 5, 8))["result"]["items"] == []
+        assert sum(url in m for m in p.messages) == 1, p.messages
+        with llama_server(default_model_file, slots=1, threads=2, port=port):  # back, empty: no restart needed
+            p.frames(did_change(uri, 2, 5, 8, 8, "p"))
+            assert items(p, uri, 5, 9)  # the document was sent again
+    finally:
+        p.close()

@@ -55,6 +55,9 @@ class RemoteModel:
     def is_eog(self, token: int) -> bool:
         return token == self.info.eos_id
 
+    def abort(self) -> None:
+        """(At exit: a remote call stops at its own should_stop.)"""
+
     def close(self) -> None:
         self.server.close()
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..engine.branches import Rides, Spare, extend, item_limits, walk_memo
 from ..engine.greedy import GreedyMemo
+from ..engine.model import ModelError
 from ..engine.pool import DocStats
 from ..engine.scheduler import Engine, IdleTask
 from ..engine.session import Session, ShouldStop
@@ -186,9 +187,20 @@ def from_memo(engine: Engine, ask: Ask) -> Answer | None:
     remembered (``Engine.tips``) and the memo knows every step of every item
     the ask waits for (all, or a quick ask's required ones: the others come
     as far as the memo knows them, as in ``answer``): no decode, no engine
-    job, wherever the session is. Any thread. None when something is missing."""
-    memo, model = engine.exact_memo, engine.model
-    if memo is None or not ask.prompt:
+    job, wherever the session is. Any thread. None when something is missing,
+    or when the engine switched models meanwhile (the engine job then runs
+    after the switch)."""
+    model = engine.model
+    try:
+        got = _from_memo(engine, model, ask)
+    except ModelError:  # freed under us by a switch
+        return None
+    return got if engine.model is model else None
+
+
+def _from_memo(engine: Engine, model: Any, ask: Ask) -> Answer | None:
+    memo = engine.exact_memo
+    if memo is None or not ask.prompt or memo is not engine.memo:
         return None
     t0 = time.perf_counter()
     fitted = engine.fit(ask.prompt)
@@ -196,7 +208,7 @@ def from_memo(engine: Engine, ask: Ask) -> Answer | None:
     logits = engine.tips.get(prefix.digest())
     if logits is None:
         return None
-    choice = _choose(engine, logits, ask)
+    choice = _choose(engine, logits, ask, model)
     if choice is None:
         return None
     done, limits = _stops(ask, len(choice.firsts))
@@ -219,9 +231,9 @@ class _Choice:
     spare: list[int]  # the next likely ones, for spare work
 
 
-def _choose(engine: Engine, logits: np.ndarray, ask: Ask) -> _Choice | None:
+def _choose(engine: Engine, logits: np.ndarray, ask: Ask, model: Any = None) -> _Choice | None:
     """The best first tokens that start with the healed text (None: none does)."""
-    model = engine.model
+    model = model or engine.model
     allowed = model.tokens_starting_with(ask.healed) if ask.healed else None
     if allowed is not None and not len(allowed):
         return None

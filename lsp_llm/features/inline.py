@@ -322,7 +322,7 @@ def request_at(doc: Document, offset: int, s: Settings, engine: Engine) -> Reque
     prompt, healed = doc.prompt(offset)
     doc_prompt = prompt
     rules = Rules(s.inline_lines, tuple(x.encode() for x in s.inline_stop))
-    fim = engine.model.fim if s.fim and engine.model is not None else None
+    fim = doc.vocab.fim if s.fim and doc.vocab is not None else None  # the ids' own model's (not a swap's)
     key = doc.uri
     if fim is not None and doc.vocab is not None:
         suffix = doc.vocab.tokenize(fim_suffix(doc.data, offset, s.fim_lines))

@@ -22,6 +22,7 @@ from .. import __version__
 from ..config import Settings, apply_log_level
 from ..engine.default_model import cache_dir
 from ..engine.llama_server import EngineError
+from ..engine.model import ModelError
 from ..engine.pool import LongRead
 from ..engine.scheduler import Engine
 from ..engine.session import Cancelled, DecodeError
@@ -294,7 +295,10 @@ class Server(LanguageServer):
         got = from_memo(self.engine, ask)  # often all known: no engine job, no wait
         if got is not None:
             self.latest.supersede((uri, "completion"))
-            self.engine.prepare(uri, "completion", next_keystrokes(self.engine, ask, got), ask.prompt)
+            try:
+                self.engine.prepare(uri, "completion", next_keystrokes(self.engine, ask, got), ask.prompt)
+            except ModelError:  # the model switched meanwhile: no plan for the old one
+                pass
             return at.items(got.candidates)
         try:
             cands = await self.latest.run((uri, "completion"), lambda ticket: self._answer(ask, ticket),

@@ -15,7 +15,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..engine.scheduler import DocTarget
 from .tokens import Piece, Tokenize, TokenMirror
@@ -37,6 +37,7 @@ class Vocab:
     piece: Piece
     bos: int | None  # prepended to every target, if the model wants one
     has_prefix: Callable[[bytes], bool] = lambda _: True  # does some token start with these bytes?
+    fim: Any = None  # the model's FIM tokens, if any (from the same model as the ids)
 
 
 class Sink(Protocol):
