@@ -134,6 +134,16 @@ async def test_stats_and_reuse_after_a_keystroke(client: LanguageClient) -> None
     assert (await stats(client, uri))["fed_total"] == fed
 
 
+async def reading_reported(client: LanguageClient, timeout: float = 120) -> None:
+    """Wait until a read reports progress past its start (a decode call is done)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not any(isinstance(r, t.WorkDoneProgressReport) and (r.percentage or 0) > 0
+                  for rs in client.progress_reports.values() for r in rs):
+        assert loop.time() < deadline, "no read reported progress"
+        await asyncio.sleep(0.02)
+
+
 async def test_cancel_stops_a_long_completion(client: LanguageClient) -> None:
     opened(client, "file:///tmp/small.py", PREFIX)
     await complete(client, "file:///tmp/small.py", 4, 4)  # the model is loaded
@@ -145,7 +155,7 @@ async def test_cancel_stops_a_long_completion(client: LanguageClient) -> None:
         t.TEXT_DOCUMENT_COMPLETION,
         t.CompletionParams(text_document=t.TextDocumentIdentifier(uri=uri), position=t.Position(end, 0)),
         msg_id="cancel-me"))
-    await asyncio.sleep(0.3)
+    await reading_reported(client)  # the request's read is under way: cancel it midway
     client.protocol.notify(t.CANCEL_REQUEST, t.CancelParams(id="cancel-me"))
     with pytest.raises(JsonRpcException) as err:
         await asyncio.wait_for(fut, 30)
