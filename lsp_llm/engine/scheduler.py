@@ -5,9 +5,9 @@ It owns the model sessions (an LRU pool of llama.cpp contexts, one document
 per context, plus saved sequences in host memory). Work has a kind, and each
 kind a rank (``Rank``); ``Engine._next`` takes the highest-ranked work
 waiting, and any running work yields to waiting work of a higher rank
-(``Engine._yields``): between decode calls, and inside a call for all but
-jobs (llama.cpp's abort callback), so a request waits a millisecond or two
-for lower work, not a call.
+(``Engine._yields``): between decode calls, and idle work inside a call too
+(llama.cpp's abort callback), so a request waits at most one call of a read
+and a millisecond or two for idle work.
 
 - JOB: requests and engine operations (a model switch, a resize), first come
   first served; a request stops at its own cancel or a newer request's;
@@ -301,9 +301,10 @@ class Engine:
         return self._stopping or self._waiting > rank
 
     def _interrupted(self) -> bool:
-        """Inside llama_decode (the sessions' abort callback): all work but
-        jobs stops midway for higher work. Jobs stop between calls."""
-        return self._running_rank < Rank.JOB and self._yields(self._running_rank)
+        """Inside llama_decode (the sessions' abort callback): idle work stops
+        midway for higher work. Syncs and reads stop between calls (a call
+        rolled back midway would feed its rows again), jobs at their cancel."""
+        return self._running_rank == Rank.IDLE and self._yields(Rank.IDLE)
 
     def _next(self) -> _Job | _Sync | _Idle | None:
         """What the engine does next (under the lock): the highest-ranked
