@@ -93,13 +93,15 @@ class SessionPool:
     remote = False  # llama.cpp in this process (see ``remote.RemotePool``)
 
     def __init__(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int, saved_mb: int,
-                 interrupt: Callable[[], bool], is_open: Callable[[str], bool]) -> None:
+                 interrupt: Callable[[], bool], is_open: Callable[[str], bool],
+                 armed: Callable[[], bool] | None = None) -> None:
         self.max_sessions = max_sessions
         self.saved_bytes = saved_mb << 20  # budget for sequences saved in host memory
         self.n_ctx = n_ctx
         self.n_branches = n_branches
         self.headroom = headroom
         self.interrupt = interrupt  # the scheduler's: stop a decode call midway (set on each context)
+        self.armed = armed  # the scheduler's: whether a call may be stopped midway at all
         self.is_open = is_open  # whether a document is still open (only those are saved)
         self.model: Any = None  # lsp_llm.engine.model.Model once loaded
         self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -162,7 +164,7 @@ class SessionPool:
             log.debug("evicting the session of %s for %s", old_uri, uri)
             self._save(old_uri, s)
         else:
-            s = Session(self.model, self.n_ctx, self.n_branches, self.interrupt)
+            s = Session(self.model, self.n_ctx, self.n_branches, self.interrupt, self.armed)
         self.sessions[uri] = s
         saved = self._unkeep(uri)
         if saved is not None and s.restore(saved):

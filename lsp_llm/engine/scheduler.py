@@ -5,9 +5,8 @@ It owns the model sessions (an LRU pool of llama.cpp contexts, one document
 per context, plus saved sequences in host memory). Work has a kind, and each
 kind a rank (``Rank``); ``Engine._next`` takes the highest-ranked work
 waiting, and any running work yields to waiting work of a higher rank
-(``Engine._yields``): between decode calls, and idle work inside a call too
-(llama.cpp's abort callback), so a request waits at most one call of a read
-and a millisecond or two for idle work.
+(``Engine._yields``) between decode calls, so a request waits at most one
+call of lower work (idle calls are short).
 
 - JOB: requests and engine operations (a model switch, a resize), first come
   first served; a request stops at its own cancel or a newer request's;
@@ -165,8 +164,8 @@ class Engine:
     def local_pool(self, max_sessions: int, n_ctx: int, n_branches: int, headroom: int,
                    saved_mb: int = SAVED_MB) -> SessionPool:
         """A new in-process backend, whose calls this engine can stop midway."""
-        return SessionPool(max_sessions, n_ctx, n_branches, headroom, saved_mb,
-                           interrupt=self._interrupted, is_open=lambda uri: uri in self._targets)
+        return SessionPool(max_sessions, n_ctx, n_branches, headroom, saved_mb, interrupt=self._interrupted,
+                           is_open=lambda uri: uri in self._targets, armed=self._armed)
 
     def fit(self, target: list[int]) -> list[int]:
         return self.pool.fit(target)
@@ -301,10 +300,16 @@ class Engine:
         return self._stopping or self._waiting > rank
 
     def _interrupted(self) -> bool:
-        """Inside llama_decode (the sessions' abort callback): idle work stops
-        midway for higher work. Syncs and reads stop between calls (a call
-        rolled back midway would feed its rows again), jobs at their cancel."""
-        return self._running_rank == Rank.IDLE and self._yields(Rank.IDLE)
+        """Inside an armed decode call (the sessions' abort callback)."""
+        return self._stopping
+
+    def _armed(self) -> bool:
+        """Whether the next decode call may be stopped midway: only while the
+        engine stops. An armed call asks the abort callback, which is Python,
+        between graph nodes, and each ask waits for the GIL: under load that
+        made an idle call of 8 rows take 20-44 s and a first read seem stuck
+        at 100% of a core. Idle calls are short (``IDLE_CALL_ROWS``) instead."""
+        return self._stopping
 
     def _next(self) -> _Job | _Sync | _Idle | None:
         """What the engine does next (under the lock): the highest-ranked

@@ -88,6 +88,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+_NO_ABORT = llama.ggml_abort_callback()  # a NULL callback: llama.cpp asks nothing
+
+
 class Session:
     """One context, one document sequence (seq 0) plus branch sequences used
     while extending completion candidates."""
@@ -96,13 +99,14 @@ class Session:
     decoded_rows = 0  # rows decoded, padding included, all sessions
 
     def __init__(self, model: Model, n_ctx: int, n_branches: int,
-                 interrupt: Callable[[], bool] | None = None) -> None:
+                 interrupt: Callable[[], bool] | None = None, armed: Callable[[], bool] | None = None) -> None:
         self.model = model
         self.n_ctx = n_ctx
         self.n_branches = n_branches
         # the engine's: whether a call should stop midway (idle work when a
         # request waits); checked inside llama_decode, so cheap and never raising
         self.interrupt = interrupt
+        self.armed = armed  # the engine's: whether the next call may be stopped midway at all
         self.rows = model.n_ubatch
         # llama.cpp asks this between graph nodes: a call for idle work stops
         # within a millisecond or two when a request arrives (see ``decode``)
@@ -135,6 +139,12 @@ class Session:
 
     def _interrupted(self) -> bool:
         return self.model.aborted or (self.interrupt is not None and self.interrupt())
+
+    def _armed(self) -> bool:
+        """Whether this call may be stopped midway (the abort callback is set):
+        as the engine says (``armed``: only while it stops), always for a
+        session of its own (calibration, tests)."""
+        return self.model.aborted or self.armed is None or self.armed()
 
     def close(self) -> None:
         """Free the context and the batch (once; a closed session refuses work)."""
@@ -388,6 +398,10 @@ class Session:
         if self.ctx is None:
             raise DecodeError("the session holds no context")
         t = time.perf_counter()
+        # the abort callback is Python: llama.cpp asks it between graph nodes, and
+        # each ask waits for the GIL (milliseconds while the event loop runs), so
+        # it is armed only for calls that may be stopped midway
+        llama.llama_set_abort_callback(self.ctx, self._abort if self._armed() else _NO_ABORT, None)
         rc = llama.llama_decode(self.ctx, self.batch)
         Session.decode_seconds += time.perf_counter() - t
         Session.decoded_rows += rows
