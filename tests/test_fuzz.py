@@ -1,21 +1,30 @@
 """Fuzz campaign through the real server over stdio (tiny model).
 
 Hypothesis writes scripts: multi-change didChange with non-ASCII (é, 😀,
-CJK) and CRLF/CR text, completions (some with an edit sent while they run),
-cancels, close/reopen, configuration changes (a model reload among them) and
-bad input, under every position encoding a client may offer (or none).
-After every step the server's mirror equals the editor's text (hash, length
-in the negotiated units, version, stale flag: ``lsp-llm.document``); every
-request is answered; every textEdit range is valid in the negotiated units,
-ends at the cursor and covers the text the item starts with.
+CJK, a lone surrogate), auto-closed pairs and CRLF/CR text, completions (some
+with an edit sent while they run: at the cursor or anywhere before or after
+it, some in the same write as the request), cancels, close/reopen,
+configuration changes (a model reload among them) and bad input, under every
+position encoding a client may offer (or none). After every step the
+server's mirror equals the editor's text (hash, length in the negotiated
+units, version, stale flag: ``lsp-llm.document``); every request is
+answered; every textEdit range is valid in the negotiated units (in the text
+the request was sent against), starts at or before the cursor, covers the
+text the item starts with and ends at the cursor or over the closers after
+it that the item closes itself (``after_cursor.covered``). The first example
+of each encoding with some text ends by asking every item (``waitFor:
+all``) and comparing with a fresh server's answer for the same text and
+settings: the same items.
 
 Bounded: a few examples per encoding, at most ``STEPS`` steps each; the
-whole file takes about a minute on an idle 2-core machine.
+whole file takes one to two minutes on an idle 2-core machine (more when
+others share it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
@@ -28,6 +37,8 @@ from hypothesis import strategies as st
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 
+from lsp_llm.config import Settings
+from lsp_llm.features.after_cursor import covered
 from lsp_llm.tools.client import StdioServer, server_command
 from lsp_llm.tools.editor_text import EditorText
 
@@ -35,10 +46,13 @@ T = TypeVar("T")
 OFFERS = {"none": None, "utf-8": ["utf-8"], "utf-16": ["utf-16"], "utf-32": ["utf-32"],
           "utf-16+utf-8": ["utf-16", "utf-8"]}
 EXAMPLES = 4  # per encoding
+COMPARED = 1  # examples per encoding that end compared with a fresh server (a few seconds each)
 STEPS = 14
 ANSWER_S = 30  # every request is answered within this
+OPTIONS = {"readBudgetMs": 20000}
 
-PIECES = list("abcxyz_().:=\t#0 ") + ["\n", "\r\n", "\r", "é", "😀", "中文", "def ", "return ", "    ", "crab"]
+PIECES = list("abcxyz_().:=\t#0 ") + ["\n", "\r\n", "\r", "é", "😀", "中文", "def ", "return ", "    ", "crab",
+                                     "\ud800", "()", "[]", "{}", '""', "''"]  # a lone surrogate, auto-closed pairs
 TEXT = st.lists(st.sampled_from(PIECES), max_size=10).map("".join)
 FRACTION = st.floats(0, 1)
 
@@ -53,6 +67,8 @@ class Complete:
     at: float
     edit_meanwhile: str | None  # typed while the request runs
     delay_ms: int = 0  # ... this long after the request
+    where: tuple[float, float] | None = None  # the range it replaces (fractions); None: at the cursor
+    together: bool = False  # the request and the change in one write
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,8 @@ STEP = st.one_of(
     st.builds(Edit, st.lists(st.tuples(FRACTION, FRACTION, TEXT), min_size=1, max_size=4)),
     st.builds(Complete, FRACTION, st.one_of(st.none(), TEXT)),
     st.builds(Complete, FRACTION, TEXT.filter(bool), st.integers(0, 15)),  # an edit while the request runs
+    st.builds(Complete, FRACTION, TEXT, st.integers(0, 15), st.tuples(FRACTION, FRACTION)),  # ... anywhere
+    st.builds(Complete, FRACTION, TEXT, st.just(0), st.tuples(FRACTION, FRACTION), st.just(True)),  # one write
     st.builds(Cancel, FRACTION, st.integers(0, 30)),
     st.builds(Reopen, st.one_of(st.none(), TEXT)),
     st.builds(Configure, SETTINGS),
@@ -125,7 +143,11 @@ class Loop:
 class Fuzzed:
     loop: Loop
     server: StdioServer
+    command: list[str]
+    offer: list[str] | None
+    settings: Settings  # as the server has them (the same rules applied to every change)
     examples: int = 0
+    compared: int = 0  # examples compared with a fresh server
 
 
 @pytest.fixture(scope="module", params=list(OFFERS))
@@ -133,45 +155,105 @@ def fuzzed(request: pytest.FixtureRequest, tiny_model_path: Path) -> Iterator[Fu
     loop = Loop()
     offer = OFFERS[request.param]
 
-    async def start() -> StdioServer:
-        server = StdioServer(server_command(str(tiny_model_path)))
-        general = t.GeneralClientCapabilities(position_encodings=offer) if offer is not None else None
-        await server.start(t.ClientCapabilities(general=general), {"readBudgetMs": 20000})
-        return server
-
-    server = loop.run(start())
+    command = server_command(str(tiny_model_path))
+    server = loop.run(started(command, offer, OPTIONS))
     assert server.encoding in (offer or ["utf-16"]), server.encoding
-    yield Fuzzed(loop, server)
+    yield Fuzzed(loop, server, command, offer, Settings().update(OPTIONS)[0])
     loop.run(server.stop())
     loop.close()
 
 
+async def started(command: list[str], offer: list[str] | None, options: dict[str, Any]) -> StdioServer:
+    server = StdioServer(command)
+    general = t.GeneralClientCapabilities(position_encodings=offer) if offer is not None else None
+    await server.start(t.ClientCapabilities(general=general), options)
+    return server
+
+
 @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.generate],
           suppress_health_check=list(HealthCheck))
-@given(text=TEXT, steps=st.lists(STEP, min_size=1, max_size=STEPS))
-def test_the_mirror_and_every_answer_stay_right(fuzzed: Fuzzed, text: str, steps: list[Any]) -> None:
+@given(text=TEXT, steps=st.lists(STEP, min_size=1, max_size=STEPS), last=FRACTION)
+def test_the_mirror_and_every_answer_stay_right(fuzzed: Fuzzed, text: str, steps: list[Any], last: float) -> None:
     fuzzed.examples += 1
     uri = f"file:///tmp/fuzz{fuzzed.examples}.py"
-    fuzzed.loop.run(Script(fuzzed.server, EditorText(uri, text, fuzzed.server.encoding)).run(steps), 300)
+    script = Script(fuzzed, EditorText(uri, text, fuzzed.server.encoding))
+    fuzzed.loop.run(script.run(steps, last), 300)
+
+
+def item_key(item: t.CompletionItem) -> tuple[Any, ...]:
+    edit = item.text_edit
+    return (item.label, item.kind, item.detail, item.sort_text, edit.new_text, edit.range)
 
 
 class Script:
     """Plays steps against the server and checks it after each."""
 
-    def __init__(self, server: StdioServer, doc: EditorText) -> None:
-        self.server, self.doc = server, doc
+    def __init__(self, fuzzed: Fuzzed, doc: EditorText) -> None:
+        self.fuzzed, self.server, self.doc = fuzzed, fuzzed.server, doc
         self.sent = doc.version  # the last version sent (a bad change is not applied)
         self.stale = False
 
-    async def run(self, steps: list[Any]) -> None:
+    async def run(self, steps: list[Any], compare_at: float) -> None:
         self.open()
         await self.check("open")
         for i, step in enumerate(steps):
             await self.play(step)
             await self.check(f"step {i}: {step}")
+        if self.fuzzed.compared < COMPARED and self.doc.text.strip():  # (the first examples are often empty)
+            self.fuzzed.compared += 1
+            await self.compare(self.at(compare_at))
         self.server.client.text_document_did_close(
             t.DidCloseTextDocumentParams(t.TextDocumentIdentifier(uri=self.doc.uri)))
         assert self.server.alive
+
+    async def compare(self, index: int) -> None:
+        """Every item (``waitFor: all``) for the text as it ends, and a fresh
+        server's for the same text and settings: the same items (greedy
+        decoding with exact logits, whatever the history)."""
+        self.configure({"waitFor": "all"})
+        if self.stale:  # a full text trusts the mirror again
+            self.send([self.doc.replace_all(self.doc.text)])
+            self.stale = False
+        await self.check("before the comparison")
+        pos = self.doc.position(index)
+        got = await self.server.request(t.TEXT_DOCUMENT_COMPLETION, self.params(index), ANSWER_S)
+        self.check_items(self.doc, pos, got)
+        s = self.fuzzed.settings
+        options = {"items": s.items, "lineTokens": s.line_tokens, "nCtx": s.n_ctx, "waitFor": "all",
+                   "readBudgetMs": 60000}
+        fresh = await started(self.fuzzed.command, self.fuzzed.offer, options)
+        try:
+            assert fresh.encoding == self.server.encoding
+            fresh.client.text_document_did_open(t.DidOpenTextDocumentParams(t.TextDocumentItem(
+                uri=self.doc.uri, language_id="python", version=self.doc.version, text=self.doc.text)))
+            # (its first answer waits for the model to load)
+            want = await fresh.request(t.TEXT_DOCUMENT_COMPLETION, self.params(index), 4 * ANSWER_S)
+        finally:
+            await fresh.stop()
+        self.configure({"waitFor": "top"})  # (the server's default) for the examples that follow
+        assert [item_key(i) for i in got.items] == [item_key(i) for i in want.items], (self.doc.text, pos)
+
+    def configure(self, settings: dict[str, Any]) -> None:
+        self.server.client.workspace_did_change_configuration(
+            t.DidChangeConfigurationParams(settings={"lsp-llm": settings}))
+        self.fuzzed.settings = self.fuzzed.settings.update(settings)[0]  # (invalid entries are skipped)
+
+    @contextlib.contextmanager
+    def one_write(self) -> Iterator[None]:
+        """The messages sent inside reach the server in one write, as a busy client writes them."""
+        protocol = self.server.client.protocol
+        real, frames = protocol.writer, []
+
+        class Frames:
+            def write(self, data: bytes) -> None:
+                frames.append(data)
+
+        protocol.writer = Frames()
+        try:
+            yield
+        finally:
+            protocol.writer = real
+            real.write(b"".join(frames))
 
     def open(self) -> None:
         self.server.client.text_document_did_open(t.DidOpenTextDocumentParams(t.TextDocumentItem(
@@ -203,7 +285,7 @@ class Script:
             self.send([self.doc.replace_all(step.text)])
             self.stale = False
         elif isinstance(step, Complete):
-            await self.complete(self.at(step.at), step.edit_meanwhile, step.delay_ms)
+            await self.complete(self.at(step.at), step.edit_meanwhile, step.delay_ms, step.where, step.together)
         elif isinstance(step, Cancel):
             await self.cancel(self.at(step.at), step.delay_ms)
         elif isinstance(step, Reopen):
@@ -214,8 +296,7 @@ class Script:
             self.doc.version, self.stale = self.sent, False
             self.open()
         elif isinstance(step, Configure):
-            self.server.client.workspace_did_change_configuration(
-                t.DidChangeConfigurationParams(settings={"lsp-llm": step.settings}))
+            self.configure(step.settings)
         else:
             await self.bad(step.kind, self.at(step.at))
 
@@ -223,13 +304,24 @@ class Script:
         return t.CompletionParams(text_document=t.TextDocumentIdentifier(uri=uri or self.doc.uri),
                                   position=self.doc.position(index))
 
-    async def complete(self, index: int, meanwhile: str | None, delay_ms: int = 0) -> None:
+    async def complete(self, index: int, meanwhile: str | None, delay_ms: int = 0,
+                       where: tuple[float, float] | None = None, together: bool = False) -> None:
+        """A completion, and maybe an edit while it runs (``where``: its range;
+        before the cursor, the text the request was asked about changes under
+        it): the answer is for the text as the request found it."""
         before = EditorText(self.doc.uri, self.doc.text, self.doc.encoding)
         pos = self.doc.position(index)
+        start, end = (index, index) if where is None else sorted((self.at(where[0]), self.at(where[1])))
+        if together and meanwhile is not None:
+            with self.one_write():  # the request first: it was sent against the text before the change
+                request = self.server.send(t.TEXT_DOCUMENT_COMPLETION, self.params(index))
+                self.send([self.doc.change(start, end, meanwhile)])
+            self.check_items(before, pos, await asyncio.wait_for(request.future, ANSWER_S))
+            return
         answer = asyncio.ensure_future(self.server.request(t.TEXT_DOCUMENT_COMPLETION, self.params(index), ANSWER_S))
         if meanwhile is not None:
             await asyncio.sleep(delay_ms / 1000)
-            self.send([self.doc.change(index, index, meanwhile)])
+            self.send([self.doc.change(start, end, meanwhile)])
         self.check_items(before, pos, await answer)
 
     async def cancel(self, index: int, delay_ms: int) -> None:
@@ -248,17 +340,26 @@ class Script:
         self.check_items(before, pos, result)
 
     def check_items(self, doc: EditorText, pos: t.Position, result: Any) -> None:
-        """Every textEdit is valid in the negotiated units, ends at the cursor
-        and replaces the text its item starts with."""
+        """Every textEdit is valid in the negotiated units, starts at or
+        before the cursor and replaces the text its item starts with; it
+        ends at the cursor or, where the item closes what the line already
+        holds after the cursor (an auto-closed pair), past it on the same
+        line, over exactly the closers ``covered`` says it takes."""
         assert isinstance(result, t.CompletionList), result
         if self.stale:
             assert result.items == [] or not result.items
+        cursor = doc.index(pos)
+        assert cursor is not None, (pos, doc.text)
+        line_end = doc.lines()[pos.line][1]
         for item in result.items:
             rng = item.text_edit.range
             start, end = doc.index(rng.start), doc.index(rng.end)
-            assert start is not None and end is not None and start <= end, (rng, doc.text)
-            assert rng.end == pos, (rng, pos)
-            assert item.text_edit.new_text.startswith(doc.text[start:end]), (item, doc.text[start:end])
+            assert start is not None and end is not None and start <= cursor <= end <= line_end, (rng, pos, doc.text)
+            typed, new_text = doc.text[start:cursor], item.text_edit.new_text
+            assert new_text.startswith(typed), (item, typed)
+            rest = doc.text[cursor:line_end].encode("utf-8", "surrogatepass")
+            takes = covered(new_text[len(typed):].encode("utf-8", "surrogatepass"), rest)
+            assert doc.text[cursor:end].encode("utf-8", "surrogatepass") == rest[:takes], (item, rest, takes)
 
     async def bad(self, kind: str, index: int) -> None:
         srv, uri = self.server, self.doc.uri
@@ -299,5 +400,6 @@ class Script:
     async def check(self, where: str) -> None:
         got = await self.server.document(self.doc.uri)
         want = {"sha256": self.doc.sha256, "length": self.doc.length, "version": self.doc.version,
-                "bytes": len(self.doc.text.encode()), "encoding": self.doc.encoding, "stale": self.stale}
+                "bytes": len(self.doc.text.encode("utf-8", "surrogatepass")),  # (a lone surrogate: 3 bytes)
+                "encoding": self.doc.encoding, "stale": self.stale}
         assert {k: got[k] for k in want} == want, (where, self.doc.text)
