@@ -293,7 +293,7 @@ class Server(LanguageServer):
         """Items for a completion taken from its document (``completion_at``)."""
         ask, uri = at.ask, at.ask.uri
         got = from_memo(self.engine, ask)  # often all known: no engine job, no wait
-        if got is not None:
+        if got is not None and got.candidates:  # (nothing shown: the engine job decides)
             self.latest.supersede((uri, "completion"))
             try:
                 self.engine.prepare(uri, "completion", next_keystrokes(self.engine, ask, got), ask.prompt)
