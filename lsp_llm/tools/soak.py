@@ -24,6 +24,7 @@ from pathlib import Path
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 
+from ..features.after_cursor import covered
 from .client import StdioServer, server_command
 from .editor_text import EditorText
 
@@ -49,9 +50,11 @@ class Figures:
     bad_answered_wrong: int = 0  # another answer, or none: a failure
     mirror_checks: int = 0
     mirror_mismatches: int = 0
-    bad_ranges: int = 0  # textEdits not ending at the cursor or not covering the item's start
+    bad_ranges: int = 0  # textEdits breaking the after-cursor rule or not covering the item's start
     crashes: int = 0
     rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (minute, MB)
+    # what the server holds at each RSS sample: (minute, memo steps, saved documents, saved MB)
+    held: list[tuple[float, int, int, float]] = field(default_factory=list)
 
     def summary(self) -> str:
         start, end = self.rss_mb[0][1], self.rss_mb[-1][1]
@@ -78,6 +81,25 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def right_range(doc: EditorText, at: int, item: t.CompletionItem) -> bool:
+    """The item's textEdit starts at or before the cursor (``at``), over the
+    text the item starts with, and ends at the cursor or past it over
+    exactly the closers the item closes (``after_cursor.covered``)."""
+    edit = item.text_edit
+    if not isinstance(edit, t.TextEdit):
+        return False
+    start, end = doc.index(edit.range.start), doc.index(edit.range.end)
+    line_end = doc.lines()[doc.position(at).line][1]
+    if start is None or end is None or not start <= at <= end <= line_end:
+        return False
+    typed = doc.text[start:at]
+    if not edit.new_text.startswith(typed):
+        return False
+    rest = doc.text[at:line_end].encode("utf-8", "surrogatepass")
+    takes = covered(edit.new_text[len(typed):].encode("utf-8", "surrogatepass"), rest)
+    return doc.text[at:end].encode("utf-8", "surrogatepass") == rest[:takes]
 
 
 class Soak:
@@ -178,11 +200,7 @@ class Soak:
         self.fig.completions += 1
         self.fig.with_items += bool(res.items)
         before = EditorText(doc.uri, text, doc.encoding)
-        for item in res.items:
-            start = before.index(item.text_edit.range.start)
-            if item.text_edit.range.end != pos or start is None or \
-                    not item.text_edit.new_text.startswith(text[start:at]):
-                self.fig.bad_ranges += 1
+        self.fig.bad_ranges += sum(not right_range(before, at, item) for item in res.items)
 
     async def cancel(self, doc: EditorText) -> None:
         assert self.server is not None
@@ -261,9 +279,17 @@ class Soak:
                 await asyncio.sleep(0.5)
         self.t0 = time.monotonic()
 
-    def sample(self) -> None:
+    async def sample(self) -> None:
         assert self.server is not None
-        self.fig.rss_mb.append((round(self.minutes(), 2), round(rss_mb(self.server.pid), 1)))
+        minute = round(self.minutes(), 2)
+        self.fig.rss_mb.append((minute, round(rss_mb(self.server.pid), 1)))
+        try:
+            st = await self.server.stats(timeout=ANSWER_S)
+        except (asyncio.TimeoutError, JsonRpcException):
+            return
+        self.fig.held.append((minute, st.get("memo_steps", 0), st.get("saved_documents", 0), st.get("saved_mb", 0.0)))
+        if self.args.json:  # written as it goes: an interrupted run still leaves its curve
+            Path(self.args.json).write_text(json.dumps(asdict(self.fig), indent=1))
 
     async def reopen(self, doc: EditorText) -> None:
         assert self.server is not None
@@ -289,7 +315,7 @@ class Soak:
         await self.start()
         assert self.server is not None
         await self.warm_up()
-        self.sample()
+        await self.sample()
         last, i = time.monotonic(), 0
         try:
             while not self.done():
@@ -301,11 +327,11 @@ class Soak:
                 i += 1
                 if time.monotonic() - last >= self.args.sample_s:
                     last = time.monotonic()
-                    self.sample()
+                    await self.sample()
                     print(f"  {self.minutes():5.1f} min: {self.fig.edits} edits, {self.fig.completions} completions, "
                           f"{self.fig.cancels} cancels, RSS {self.fig.rss_mb[-1][1]:.0f} MB", file=sys.stderr)
             await self.check_mirrors()
-            self.sample()
+            await self.sample()
         finally:
             await self.server.stop()
         self.fig.minutes = round(self.minutes(), 2)
