@@ -1,10 +1,6 @@
-"""A client for llama-server's native API (llama.cpp's HTTP server), for synchronous callers.
+"""A client for llama-server's native API (llama.cpp's HTTP server); the plumbing it shares
+with the OpenAI-compatible client is in ``http_engine``.
 
-The engine thread (and, for tokenization, the LSP event loop thread) calls plain methods;
-each submits a coroutine to a private asyncio loop that runs ``httpx.AsyncClient`` (kept-alive
-connections) in a daemon thread owned by the client, and polls ``should_stop()`` about every
-10 ms while it waits. A stop cancels the request's task, which closes its connection, and
-raises ``Cancelled``.
 
 Server behaviour this relies on (measured with llama.cpp's server through xllamacpp):
 
@@ -24,112 +20,31 @@ Server behaviour this relies on (measured with llama.cpp's server through xllama
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
 import logging
-import socket
-import ssl
-import struct
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
-import httpx
+from .http_engine import (
+    EXACT_TOP,
+    REWIND_EXTRA,
+    EngineError,
+    ExactRuns,
+    HttpEngine,
+    ServerInfo,
+    ShouldStop,
+    Timings,
+    Token,
+    TopToken,
+    _never,
+    piece_bytes,
+)
 
-from .session import Cancelled
+__all__ = ["EngineError", "ExactRuns", "LlamaServer", "ServerInfo", "Timings", "Token", "TopToken"]
 
 log = logging.getLogger(__name__)
 
-ShouldStop = Callable[[], bool]
-T = TypeVar("T")
-POLL_S = 0.01  # how often a waiting call asks should_stop()
-CLOSE_WAIT_S = 1.0  # how long a cancelled call waits for its connection to close
-EXACT_TOP = 10  # tokens compared by measure_exact
-REWIND_EXTRA = 8  # tokens appended (then dropped) by measure_exact's rewind
-
 # greedy decoding: only the most likely token survives, whatever the server's defaults
 GREEDY = {"samplers": ["top_k"], "top_k": 1, "temperature": 0.0}
-# close connections with a reset (linger 0): a cancelled request's connection is then refused at
-# the server's very next write, where an orderly close lets one more write through first
-ABORTIVE_CLOSE = [(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))]
-
-
-def _never() -> bool:
-    return False
-
-
-class EngineError(Exception):
-    """A fault of the remote engine. ``kind``: unreachable, timeout, auth, not_found, busy,
-    bad_request, unsupported, server or protocol. Messages name the URL, never the API key."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-
-    def __reduce__(self) -> tuple[type[EngineError], tuple[str, str]]:
-        return (EngineError, (self.message, self.kind))
-
-
-@dataclass(frozen=True)
-class Token:
-    id: int
-    piece: bytes
-
-
-@dataclass(frozen=True)
-class TopToken:
-    id: int
-    piece: bytes
-    logprob: float
-
-
-@dataclass(frozen=True)
-class Timings:
-    """``cache_n`` tokens reused from the slot's cache, ``prompt_n`` evaluated, ``predicted_n``
-    generated, ``ms`` the server's time for both."""
-
-    cache_n: int
-    prompt_n: int
-    predicted_n: int
-    ms: float
-
-
-@dataclass(frozen=True)
-class ServerInfo:
-    model: str
-    model_path: str
-    n_slots: int
-    n_ctx: int  # per slot
-    infill: bool | None  # None: not detectable
-    add_bos: bool  # whether the model's prompts start with BOS
-    bos_id: int | None
-    eos_id: int | None
-    bos: str | None
-    eos: str | None
-    n_vocab: int | None
-
-
-@dataclass(frozen=True)
-class ExactRuns:
-    """The top tokens of one prompt cold, warm and after a rewind (``measure_exact``)."""
-
-    cold: list[TopToken]
-    warm: list[TopToken]
-    rewound: list[TopToken]
-    cold_timings: Timings
-    warm_timings: Timings
-    rewound_timings: Timings
-
-    @property
-    def exact(self) -> bool:
-        return self.cold == self.warm == self.rewound
-
-
-def _piece_bytes(piece: str | list[int]) -> bytes:
-    """A piece as ``/tokenize`` gives it: text, or a list of bytes when not valid UTF-8."""
-    return bytes(piece) if isinstance(piece, list) else piece.encode()
 
 
 def _timings(answer: dict[str, Any]) -> Timings:
@@ -138,99 +53,11 @@ def _timings(answer: dict[str, Any]) -> Timings:
     return Timings(int(t.get("cache_n", 0)), int(t.get("prompt_n", 0)), int(t.get("predicted_n", 0)), ms)
 
 
-def _display_url(base_url: str) -> str:
-    """The URL without any user:password part, for messages."""
-    url = httpx.URL(base_url)
-    return str(url.copy_with(username=None, password=None)).rstrip("/")
-
-
-def _server_message(response: httpx.Response) -> str:
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return response.text.strip()[:300]
-    if isinstance(error, dict):
-        return str(error.get("message", ""))
-    return str(error or "")
-
-
-class _Loop:
-    """A private asyncio loop in a daemon thread; ``call`` runs a coroutine there and waits,
-    asking ``should_stop`` every POLL_S."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="llama-server-client", daemon=True)
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], should_stop: ShouldStop) -> T:
-        done = threading.Event()
-        future = asyncio.run_coroutine_threadsafe(self._guard(coro, done), self.loop)
-        while True:
-            try:
-                return future.result(timeout=POLL_S)
-            except concurrent.futures.TimeoutError:
-                if should_stop():
-                    future.cancel()  # cancels the task: httpx closes its connection
-                    done.wait(CLOSE_WAIT_S)
-                    raise Cancelled() from None
-
-    @staticmethod
-    async def _guard(coro: Awaitable[T], done: threading.Event) -> T:
-        try:
-            return await coro
-        finally:
-            done.set()
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        if not self.thread.is_alive():
-            self.loop.close()
-
-
-class LlamaServer:
+class LlamaServer(HttpEngine):
     """llama-server's native API (``/completion`` with token-id prompts, ``/tokenize``, ``/slots``)."""
 
-    def __init__(
-        self, base_url: str, api_key: str | None = None, timeout_s: float = 60.0, verify: bool | ssl.SSLContext = True
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.url = _display_url(self.base_url)
-        self.timeout_s = timeout_s
-        self.info: ServerInfo | None = None
-        self.last_exact: ExactRuns | None = None
-        self._has_key = bool(api_key)
-        self._pieces: dict[int, bytes] = {}
-        self._closed = False
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
-        self._loop = _Loop()
-        transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=ABORTIVE_CLOSE)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
-
-    def __repr__(self) -> str:
-        return f"LlamaServer({self.url!r})"
-
-    # -- synchronous API ---------------------------------------------------------------------
-
-    def connect(self) -> ServerInfo:
-        """What the server runs: model, slots, context, BOS/EOS, infill support."""
-        self.info = self._call(self._connect(), _never)
-        return self.info
-
-    def tokenize(self, text: bytes, should_stop: ShouldStop = _never) -> list[Token]:
-        """``text`` as tokens with their pieces, no BOS, special-token text kept as text.
-        Invalid UTF-8 goes as U+FFFD (then the pieces do not join to ``text``)."""
-        return self._call(self._tokenize(text), should_stop)
-
-    def piece(self, id: int) -> bytes:
-        """The bytes of token ``id``: from every tokenize and n_probs answer, else asked for
-        (``/detokenize``, whose text loses a piece that is not valid UTF-8 on its own)."""
-        known = self._pieces.get(id)
-        if known is None:
-            known = self._call(self._piece(id), _never)
-        return known
+    api = "llama-server"
+    name = "llama-server"
 
     def feed(self, slot: int, prompt: list[int], should_stop: ShouldStop = _never) -> Timings:
         """Bring ``slot``'s cache to ``prompt`` (re-feed in idle time)."""
@@ -265,39 +92,14 @@ class LlamaServer:
         return self._call(self._greedy(slots, prompts, n_predict, stop), should_stop)
 
     def measure_exact(self, prompt: list[int], slot: int = 0) -> bool:
-        """Whether ``prompt``'s top tokens agree bit for bit cold (evaluated whole), warm (again,
-        from the cache) and after a rewind (a longer prompt fed, then this one). Uses ``slot``'s
-        cache; the details are kept in ``last_exact``."""
-        self.last_exact = self._call(self._exact_runs(prompt, self._slot(slot)), _never)
-        log.info("llama-server at %s exact across cache states: %s", self.url, self.last_exact.exact)
-        return self.last_exact.exact
+        """``HttpEngine.measure_exact`` on ``slot``'s cache."""
+        return super().measure_exact(prompt, self._slot(slot))
 
     def slots(self) -> list[dict[str, Any]]:
         """``GET /slots`` as the server gives it (``is_processing`` for each slot)."""
         return self._call(self._json("GET", "/slots"), _never)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._call(self._http.aclose(), _never)
-        finally:
-            self._loop.stop()
-
-    def __enter__(self) -> LlamaServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- plumbing -------------------------------------------------------------------------------
-
-    def _call(self, coro: Coroutine[Any, Any, T], should_stop: ShouldStop) -> T:
-        if should_stop():
-            coro.close()
-            raise Cancelled()
-        return self._loop.call(coro, should_stop)
 
     def _slot(self, slot: int) -> int:
         if slot < 0 or (self.info is not None and slot >= self.info.n_slots):
@@ -305,59 +107,9 @@ class LlamaServer:
             raise ValueError(f"slot {slot} out of range: llama-server at {self.url} has {n} slots")
         return slot
 
-    async def _send(self, method: str, path: str, body: dict[str, Any] | None, stream: bool) -> httpx.Response:
-        """Send a request; once more on a fresh connection when a kept-alive one turns out to
-        have been closed by the server (idle timeout) before any answer came."""
-        for attempt in range(2):
-            request = self._http.build_request(method, path, json=body)
-            try:
-                return await self._http.send(request, stream=stream)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
-                if attempt:
-                    raise self._transport_fault(e, path) from None
-                log.debug("llama-server at %s closed a kept-alive connection (%s): again", self.url, e)
-            except httpx.HTTPError as e:
-                raise self._transport_fault(e, path) from None
-        raise AssertionError("unreachable")
-
-    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = await self._send(method, path, body, stream=False)
-        if response.status_code != 200:
-            raise self._status_fault(response, path)
-        try:
-            return response.json()
-        except ValueError:
-            raise EngineError(f"llama-server at {self.url} sent no JSON for {path}", "protocol") from None
-
-    async def _events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def _events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The streamed answers of one ``/completion`` request."""
-        response = await self._send("POST", "/completion", {"cache_prompt": True, **body, "stream": True}, stream=True)
-        try:
-            if response.status_code != 200:
-                await response.aread()
-                raise self._status_fault(response, "/completion")
-            async for line in response.aiter_lines():
-                event = self._event(line)
-                if event is not None:
-                    yield event
-        except httpx.HTTPError as e:
-            raise self._transport_fault(e, "/completion") from None
-        finally:
-            await response.aclose()  # on a cancel too: the connection closes with the request unfinished
-
-    def _event(self, line: str) -> dict[str, Any] | None:
-        name, _, data = line.partition(":")
-        if name not in ("data", "error") or not data.strip():
-            return None
-        try:
-            event = json.loads(data)
-        except ValueError:
-            raise EngineError(f"llama-server at {self.url} streamed malformed JSON", "protocol") from None
-        if name == "error" or (isinstance(event, dict) and "error" in event):
-            error = event.get("error", event) if isinstance(event, dict) else event
-            message = error.get("message", error) if isinstance(error, dict) else error
-            raise EngineError(f"llama-server at {self.url} failed on /completion: {message}", "server")
-        return event if isinstance(event, dict) else None
+        return self._stream("/completion", {"cache_prompt": True, **body, "stream": True})
 
     async def _one(self, body: dict[str, Any]) -> tuple[dict[str, Any], Timings]:
         """One prompt's first answer (the one with probabilities) and the final timings."""
@@ -368,7 +120,7 @@ class LlamaServer:
             if event.get("stop"):
                 timings = _timings(event)
         if first is None or timings is None:
-            raise EngineError(f"llama-server at {self.url} ended /completion without a final answer", "protocol")
+            raise EngineError(f"{self.label} ended /completion without a final answer", "protocol")
         return first, timings
 
     async def _many(self, body: dict[str, Any], n: int) -> list[tuple[list[int], Timings]]:
@@ -381,7 +133,7 @@ class LlamaServer:
             if event.get("stop"):
                 timings[i] = _timings(event)
         if any(t is None for t in timings):
-            raise EngineError(f"llama-server at {self.url} ended /completion before every answer", "protocol")
+            raise EngineError(f"{self.label} ended /completion before every answer", "protocol")
         return [(tok, t) for tok, t in zip(tokens, timings) if t is not None]
 
     async def _greedy(
@@ -397,7 +149,7 @@ class LlamaServer:
     def _top_tokens(self, answer: dict[str, Any]) -> list[TopToken]:
         probs = answer.get("completion_probabilities") or []
         if not probs:
-            raise EngineError(f"llama-server at {self.url} sent no completion_probabilities", "protocol")
+            raise EngineError(f"{self.label} sent no completion_probabilities", "protocol")
         top = []
         for entry in probs[0].get("top_logprobs") or probs[0].get("top_probs") or []:
             piece = bytes(entry["bytes"]) if "bytes" in entry else str(entry.get("token", "")).encode()
@@ -408,7 +160,7 @@ class LlamaServer:
     async def _tokenize(self, text: bytes) -> list[Token]:
         body = {"content": text.decode("utf-8", "replace"), "with_pieces": True}
         answer = await self._json("POST", "/tokenize", {**body, "add_special": False, "parse_special": False})
-        tokens = [Token(int(t["id"]), _piece_bytes(t["piece"])) for t in answer["tokens"]]
+        tokens = [Token(int(t["id"]), piece_bytes(t["piece"])) for t in answer["tokens"]]
         self._pieces.update((t.id, t.piece) for t in tokens)
         return tokens
 
@@ -420,7 +172,7 @@ class LlamaServer:
         tokens = answer.get("tokens") or []
         if len(tokens) != 1:
             return None
-        self._pieces[int(tokens[0]["id"])] = _piece_bytes(tokens[0]["piece"])
+        self._pieces[int(tokens[0]["id"])] = piece_bytes(tokens[0]["piece"])
         return int(tokens[0]["id"])
 
     async def _piece(self, id: int) -> bytes:
@@ -456,15 +208,6 @@ class LlamaServer:
         settings = props.get("default_generation_settings") or {}
         return int(settings.get("n_ctx") or props.get("n_ctx") or (model.get("meta") or {}).get("n_ctx") or 0)
 
-    async def _optional(self, method: str, path: str) -> Any:
-        """An answer the client can do without (404, 501 -> None)."""
-        try:
-            return await self._json(method, path)
-        except EngineError as e:
-            if e.kind in ("not_found", "unsupported"):
-                return None
-            raise
-
     async def _infill(self) -> bool | None:
         """Infill support, asked without running a task: llama-server checks the model's FIM
         tokens (501) before it validates the input (400 for this malformed one)."""
@@ -495,32 +238,9 @@ class LlamaServer:
 
     # -- faults ---------------------------------------------------------------------------------
 
-    def _transport_fault(self, e: httpx.HTTPError, path: str) -> EngineError:
-        if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
-            message = f"llama-server at {self.url} did not answer {path} within {self.timeout_s:g} s"
-            return EngineError(message, "timeout")
-        if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
-            return EngineError(f"cannot reach llama-server at {self.url}: {type(e).__name__}: {e}", "unreachable")
-        if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
-            return EngineError(f"llama-server at {self.url} dropped the connection during {path}: {e}", "unreachable")
-        return EngineError(f"llama-server at {self.url} failed on {path}: {type(e).__name__}: {e}", "protocol")
-
-    def _status_fault(self, response: httpx.Response, path: str) -> EngineError:
-        status, message = response.status_code, _server_message(response)
-        if status in (401, 403):
-            if not self._has_key:
-                return EngineError(f"llama-server at {self.url} needs an API key: set LSP_LLM_API_KEY", "auth")
-            return EngineError(f"llama-server at {self.url} rejected the API key (LSP_LLM_API_KEY)", "auth")
-        if status == 404:
-            return EngineError(
-                f"llama-server at {self.url} has no {path} (HTTP 404): is the URL that of llama.cpp's "
-                f"llama-server with its native API (/completion, /tokenize, /props)?",
-                "not_found",
-            )
-        if status == 429:
-            return EngineError(f"llama-server at {self.url} is busy: too many requests (HTTP 429)", "busy")
-        if status == 501:
-            return EngineError(f"llama-server at {self.url} does not support {path}: {message}", "unsupported")
-        if status >= 500:
-            return EngineError(f"llama-server at {self.url} failed on {path} (HTTP {status}): {message}", "server")
-        return EngineError(f"llama-server at {self.url} refused {path} (HTTP {status}): {message}", "bad_request")
+    def _not_found_hint(self) -> str:
+        hint = "is the URL that of llama.cpp's llama-server with its native API (/completion, /tokenize, /props)?"
+        if self.base_url.endswith("/v1"):
+            hint += (' The URL ends in /v1: engineApi "llama-server" takes the server\'s root URL '
+                     '(http://host:8080); for an OpenAI-compatible /v1 URL set engineApi to "openai".')
+        return hint
