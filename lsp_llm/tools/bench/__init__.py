@@ -17,6 +17,8 @@ Sections (all but --tune by default; --pace, --quality and --tune choose):
   ``create_completion`` (and llama-server ``/infill`` when installed);
 * ``--ghost``: ghost text latency at a typing pace (answers, type-through)
   and how deep it gets where nothing was prepared;
+* ``--remote`` and ``--team`` (only when asked for; xllamacpp): remote engines
+  at a typing pace, and N typists on one llama-server (``served.py``);
 * ``--tune`` (only when asked for): the ghost text rule variants and context
   sizes behind the defaults, at cut points of other stdlib files (``tuning``).
 
@@ -43,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import ghost, memory, quality, report, traces, tuning, typing_section
+from . import ghost, memory, quality, report, served, traces, tuning, typing_section
 from .engines import ENGINES, RawModel, Settings, find_llama_server
 
 QUICK = {"doc_tokens": 500, "keystrokes": 50, "sizes": [500, 2000], "sweep_keystrokes": 15,
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true",
                    help="measure ghost text rule variants and context sizes, to choose the defaults (alone, "
                    "unless another section is given too); full: about 10 minutes")
+    served.add_arguments(p)
     p.add_argument("--tune-cuts", type=int, help="cut points per file in the --tune section")
     p.add_argument("--pace-keystrokes", type=int, help="keystrokes in the 3-file trace at typing pace")
     p.add_argument("--switch-keystrokes", type=int, help="keystrokes in the 8-file switching trace (0: none)")
@@ -237,6 +240,7 @@ def sections(args: argparse.Namespace) -> set[str]:
         chosen.add("ghost")
     if args.tune:
         chosen.add("tune")
+    chosen |= served.chosen(args)
     return chosen or {"typing", "back-to-back", "quality", "ghost"}
 
 
@@ -294,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
         results["ghost"] = _ghost_section(setup)
     if "tune" in chosen:
         results["tuning"] = _tuning_section(setup)
+    results.update(served.run(setup, chosen, _log))
     setup.vocab.close()
     settings = setup.settings(setup.cfg["n_ctx"])
     results.update({
@@ -321,18 +326,21 @@ def _write(results: dict, setup: Setup) -> int:
             notes.append(f"Profile of the lsp-llm server on {r['trace']}: {r['info']['profile']}"
                          + (f"; {line}" if line else ""))
     png = report.plot(results, out / "bench.png") if results["runs"] else None
+    team_png = served.plot(results, out)
     if png is None and results["runs"]:
         notes.append("matplotlib is not installed: no plot (pip install 'lsp-llm[bench]').")
-    md = _markdown(results, png)
+    md = _markdown(results, png, team_png is not None)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(md)
     print(md)
     _log(f"lsp-llm bench: wrote {out / 'results.json'}, {out / 'report.md'}" + (f", {png}" if png else "")
          + f" in {results['elapsed_s']:.0f} s")
-    if args.readme:
+    if args.readme and set(results["sections"]) - set(served.SECTIONS):
         _log("lsp-llm bench: " + report.update_readme(args.readme, md, png, out / "results.json"))
+    if args.readme and set(results["sections"]) & set(served.SECTIONS):
+        _log("lsp-llm bench: " + served.update_readme(args.readme, results, team_png))
     runs = results["runs"] + results["paced_runs"]
-    if any(r["status"] == "error" for r in runs):
+    if any(r["status"] == "error" for r in runs) or served.failed(results):
         return 1
     if args.strict and missed:
         return 3
@@ -350,10 +358,11 @@ def _summarize(results: dict) -> None:
     results["paced_summaries"] = [asdict(typing_section.summarize(r)) for r in results["paced_runs"]]
 
 
-def _markdown(results: dict, png: Path | None) -> str:
+def _markdown(results: dict, png: Path | None, team_png: bool = False) -> str:
     first = typing_section.markdown(results["paced_traces"], results["paced_summaries"])
     first += memory.markdown([memory.MemoryRow(**r) for r in results["memory"]])
-    last = ghost.markdown(results["ghost"]) if results["ghost"] else []
+    last = served.markdown(results, team_png)
+    last += ghost.markdown(results["ghost"]) if results["ghost"] else []
     last += quality.markdown(results["quality"]) if results["quality"] else []
     last += tuning.markdown(results["tuning"]) if results["tuning"] else []
     return report.markdown(results, "bench.png" if png else None, first, last)
