@@ -1,6 +1,7 @@
-"""The remote backend: documents on a serving engine's slots (llama-server's
-native API, ``llama_server.LlamaServer``), behind the same scheduler as the
-in-process pool.
+"""The remote backend: documents on a serving engine (llama-server's native
+API, ``llama_server.LlamaServer``, or OpenAI-compatible completions,
+``openai_api.OpenAIEngine``; both ``http_engine.HttpEngine``), behind the
+same scheduler as the in-process pool. Nothing here knows which API it drives.
 
 Each live document is pinned to a slot (LRU over the server's slots), and its
 prompt always goes as token ids, so the server's prompt cache sees the same
@@ -8,6 +9,7 @@ prefix as the document's token mirror: ``sync`` (the scheduler's eager
 re-feed, ``n_predict: 0``) leaves the slot holding the document's newest
 text, and the request that follows reuses it. A document beyond the slots
 is simply sent again when it comes back (the cache re-reads what differs).
+An API without slots ignores the slot: its prefix cache does the reuse.
 
 The engine is not assumed exact: ``exact`` is what ``measure_exact`` found at
 connect (the same prompt cold, warm and after a rewind), and nothing here
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .greedy import GreedyMemo, Tips
-from .llama_server import LlamaServer, ServerInfo, Timings, TopToken
+from .http_engine import HttpEngine, ServerInfo, Timings, TopToken
 from .pool import DocState, DocStats, window
 from .session import ShouldStop
 
@@ -37,11 +39,11 @@ class RemoteModel:
     fim = None  # infill (/infill) is not used yet
     batch_rule = None
 
-    def __init__(self, server: LlamaServer, info: ServerInfo) -> None:
+    def __init__(self, server: HttpEngine, info: ServerInfo) -> None:
         self.server = server
         self.info = info
         self.name = info.model
-        self.description = f"{info.model} on llama-server at {server.url}"
+        self.description = f"{info.model} on {server.label}"
         self.add_bos = info.add_bos
         self.bos = info.bos_id
 
@@ -63,14 +65,14 @@ class RemoteModel:
 
 
 class RemotePool:
-    """The scheduler's backend on a llama-server: a slot per live document."""
+    """The scheduler's backend on a serving engine: a slot per live document."""
 
     remote = True
     exact_memo = None  # nothing is reused across cache states
     saved_mb = 0.0
     decode_ms_total = 0.0
 
-    def __init__(self, server: LlamaServer, info: ServerInfo, headroom: int, exact: bool) -> None:
+    def __init__(self, server: HttpEngine, info: ServerInfo, headroom: int, exact: bool) -> None:
         self.server = server
         self.model = RemoteModel(server, info)
         self.exact = exact
@@ -169,7 +171,7 @@ class RemotePool:
 
     def describe(self) -> dict[str, Any]:
         """For ``lsp-llm.stats``: which engine serves, its model, the slots in use, exactness."""
-        return {"engine": "llama-server", "url": self.server.url, "model": self.model.name,
+        return {"engine": self.server.api, "url": self.server.url, "model": self.model.name,
                 "slots": self.max_sessions, "slots_in_use": len(self.sessions), "exact": self.exact}
 
 

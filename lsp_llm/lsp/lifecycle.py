@@ -27,8 +27,10 @@ from pathlib import Path
 from ..config import Settings
 from ..engine.calibrate import SAMPLE
 from ..engine.default_model import default_model_path
-from ..engine.llama_server import EngineError, LlamaServer
+from ..engine.http_engine import HttpEngine
+from ..engine.llama_server import LlamaServer
 from ..engine.model import BatchRule, Model
+from ..engine.openai_api import OpenAIEngine
 from ..engine.remote import RemotePool
 from ..engine.scheduler import Engine
 from ..text.documents import DocumentStore, Vocab
@@ -91,6 +93,7 @@ def swap(store: DocumentStore, engine: Engine, model: Model, n_ctx: int, s: Sett
 
 # -- a remote engine ----------------------------------------------------------------------
 API_KEY_VARIABLE = "LSP_LLM_API_KEY"
+ENGINE_APIS: dict[str, type[HttpEngine]] = {"llama-server": LlamaServer, "openai": OpenAIEngine}
 
 
 def connect_beside(s: Settings) -> Future[RemotePool]:
@@ -110,10 +113,7 @@ def connect_beside(s: Settings) -> Future[RemotePool]:
 
 
 def connect(s: Settings) -> RemotePool:
-    if s.engine_api != "llama-server":
-        raise EngineError(f"engineApi {s.engine_api!r} is not supported yet; use \"llama-server\" "
-                          f"(llama-server's native API at {s.engine_url})", "unsupported")
-    server = LlamaServer(s.engine_url, os.environ.get(API_KEY_VARIABLE) or None)
+    server = ENGINE_APIS[s.engine_api](s.engine_url, os.environ.get(API_KEY_VARIABLE) or None)
     try:
         info = server.connect()
         bos = [info.bos_id] if info.add_bos and info.bos_id is not None else []
