@@ -50,6 +50,7 @@ T_MAX_PREDICT_MS = 250
 GREEDY = {"samplers": ["top_k"], "top_k": 1, "temperature": 0.0}
 LEAD_S = 0.005  # /metrics is read this long before each keystroke
 SETTLE_S = 0.5  # after the last answer, before the last reading
+IDLE_TIMEOUT_S = 600.0  # the longest wait for the engine to finish reading the opened files
 
 
 # -- traces ------------------------------------------------------------------------------------
@@ -98,6 +99,15 @@ class Meter:
         got = llama_host.parse_metrics((await self.client.get(f"{self.url}/metrics")).text)
         self.readings.append(got)
         return got
+
+    async def idle(self, timeout: float = IDLE_TIMEOUT_S) -> None:
+        """Until no slot is processing (the documents' first reads done), twice in a row."""
+        loop = asyncio.get_running_loop()
+        deadline, quiet = loop.time() + timeout, 0
+        while quiet < 2 and loop.time() < deadline:
+            slots = (await self.client.get(f"{self.url}/slots")).json()
+            quiet = quiet + 1 if not any(x.get("is_processing") for x in slots) else 0
+            await asyncio.sleep(0.05)
 
     async def at(self, times: list[float], start: float) -> None:
         loop = asyncio.get_running_loop()
@@ -149,13 +159,15 @@ def lsp_command(s: Settings, url: str | None) -> list[str]:
 async def lsp_typist(s: Settings, trace: traces.Trace, url: str | None, meter: Meter | None, log: Path,
                      gate: Callable[[], Awaitable[Any]] | None = None) -> dict:
     """One editor typing the trace into lsp-llm (on llama-server at url, or
-    in-process); with a gate, it waits there after opening its documents."""
+    in-process); with a gate, it waits there after opening its documents (a
+    request answers empty past its read budget while the read goes on: on a
+    remote engine the gate waits for the engine to finish it)."""
     editor = await StdioServer.launch(lsp_command(s, url), {"lineTokens": s.gen_tokens}, s.timeout_s, log)
     try:
         await paced.open_documents(editor, trace, s.timeout_s)
-        before = await editor.stats()
         if gate is not None:
             await gate()
+        before = await editor.stats()
         cpu0 = cpu_seconds(editor.pid)
         times = pace.schedule(trace.meta["delays_s"])
         answers = await timed_with(meter, times, paced.run_lsp(editor, trace, trace.meta["delays_s"], s.timeout_s))
@@ -204,6 +216,7 @@ async def vscode_typist(s: Settings, trace: traces.Trace, url: str, meter: Meter
         path = "/infill" if infill else "/completion"
         for d, text in zip(trace.docs, paced.warm_texts(trace)):
             await client.post(path, json=vscode_body(d.text, _end_of(text), s, infill))
+        await meter.idle()
         times = pace.schedule(trace.meta["delays_s"])
         prompt_n: list[int] = []
         answers = await timed_with(meter, times, _vscode_keys(client, path, s, trace, infill, prompt_n))
@@ -275,7 +288,7 @@ async def _metered(s: Settings, engine: str, trace: traces.Trace, host: llama_ho
     try:
         cpu0 = cpu_seconds(host.pid)
         if engine == OURS_REMOTE:
-            got = await lsp_typist(s, trace, host.url, meter, log)
+            got = await lsp_typist(s, trace, host.url, meter, log, meter.idle)
         else:
             got = await vscode_typist(s, trace, host.url, meter)
         got["engine_cpu_s"] = cpu_seconds(host.pid) - cpu0

@@ -93,6 +93,7 @@ async def _team(s: Settings, ts: list[traces.Trace], host: llama_host.Host, log:
         typing = asyncio.gather(*(remote.lsp_typist(s, t, host.url, None, log.with_suffix(f".{i}.log"), gate)
                                   for i, t in enumerate(ts)))
         await ready.wait()
+        await meter.idle()
         before, cpu0 = await meter.read(), cpu_seconds(host.pid)
         go.set()
         got = await typing
@@ -136,7 +137,7 @@ def capacity(r: TeamRow) -> dict[str, float]:
     """Developers one server serves: each keystroke costs the engine P/tp + G/tg
     seconds (P prompt tokens at tp tokens/s, G generated at tg); a developer typing
     k keystrokes a second keeps it busy k times that."""
-    engine_s = r.prompt_per_key / r.prompt_tps + r.generated_per_key / r.generated_tps
+    engine_s = r.prompt_s_per_key + r.generated_s_per_key  # = P / tp + G / tg
     busy = r.keys_per_s * engine_s  # share of the engine one typing developer takes
     return {"engine_ms_per_key": engine_s * 1000, "busy_share": busy,
             "full": 1 / busy if busy > 0 else math.inf, "at_half": BUSY_SHARE / busy if busy > 0 else math.inf}
@@ -144,19 +145,20 @@ def capacity(r: TeamRow) -> dict[str, float]:
 
 def paragraph(rows: list[TeamRow]) -> str:
     one = next((r for r in rows if r.typists == 1 and r.status == "ok"), None)
-    if one is None or math.isnan(one.prompt_tps) or math.isnan(one.generated_tps):
+    if one is None or one.keys_per_s <= 0:
         return "How many developers one server serves: needs the N = 1 row."
     c = capacity(one)
     return (f"**How many developers one server serves, on paper** (from the N = 1 row): a keystroke costs the "
-            f"engine {one.prompt_per_key:.1f} prompt tokens at {one.prompt_tps:,.0f} tokens/s plus "
-            f"{one.generated_per_key:.1f} generated tokens at {one.generated_tps:,.0f} tokens/s (llama-server's "
-            f"timings while typing; it read the opened files at {one.bulk_prompt_tps:,.0f} tokens/s), "
-            f"{c['engine_ms_per_key']:.1f} ms. A developer typing without pause makes {one.keys_per_s:.1f} "
-            f"keystrokes/s, so keeps the engine {100 * c['busy_share']:.1f}% busy: one server serves about "
+            f"engine {one.prompt_per_key:.1f} prompt tokens (at {_f(one.prompt_tps, 0)} tokens/s) and "
+            f"{one.generated_per_key:.1f} generated tokens (at {_f(one.generated_tps, 0)} tokens/s), "
+            f"{c['engine_ms_per_key']:.1f} ms of its time (llama-server's timings while typing; it read the "
+            f"opened files at {_f(one.bulk_prompt_tps, 0)} tokens/s). A developer typing without pause makes "
+            f"{one.keys_per_s:.1f} keystrokes/s, so keeps the engine {100 * c['busy_share']:.1f}% busy: "
+            "one server serves about "
             f"**{c['full']:.0f}** developers typing at once at full load, **{c['at_half']:.0f}** with the engine at "
             f"most {100 * BUSY_SHARE:.0f}% busy. People type a fraction of the day, so more are served in "
             f"practice; slots batched in one decode cost less than their sum, so this is a lower bound for "
-            f"typing, not counting reading files (a file is read once, at {one.bulk_prompt_tps:,.0f} tokens/s).")
+            f"typing, not counting reading files (a file is read once).")
 
 
 def _f(x: float | None, digits: int = 1) -> str:
