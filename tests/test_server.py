@@ -44,6 +44,17 @@ async def complete(client: LanguageClient, uri: str, line: int, col: int) -> t.C
     return res
 
 
+async def complete_read(client: LanguageClient, uri: str, line: int, col: int, tries: int = 20) -> t.CompletionList:
+    """A completion once the document is read: a request on a document still
+    being read answers empty after readBudgetMs, and an editor asks again."""
+    for _ in range(tries - 1):
+        res = await complete(client, uri, line, col)
+        if res.items or not res.is_incomplete:
+            return res
+        await asyncio.sleep(0.5)
+    return await complete(client, uri, line, col)
+
+
 async def raw_request(client: LanguageClient, msg_id: str, method: str, params: object) -> object:
     """Send a request exactly as given, bypassing the client's type checks."""
     fut: Future = Future()
@@ -205,11 +216,11 @@ async def test_bad_input_gets_answers_and_the_server_keeps_serving(client: Langu
         await stats(client, "file:///nowhere.py")
     # an empty document still completes (from the BOS logits)
     opened(client, "file:///tmp/empty.py", "")
-    empty_items = (await complete(client, "file:///tmp/empty.py", 0, 0)).items
+    assert (await complete(client, "file:///tmp/empty.py", 0, 0)).items
     # a document of megabytes: windowed to the context, answered
     big = ("x = 1  # filler line for a big document\n" * 30000)
     opened(client, "file:///tmp/huge.py", big)
-    res = await complete(client, "file:///tmp/huge.py", 30000, 0)
+    res = await complete_read(client, "file:///tmp/huge.py", 30000, 0)  # (a read of n_ctx tokens)
     assert res.items
     st = await stats(client, "file:///tmp/huge.py")
     assert st["cached"] <= (await stats(client))["n_ctx"] and st["window_start"] > 0
@@ -217,8 +228,6 @@ async def test_bad_input_gets_answers_and_the_server_keeps_serving(client: Langu
     opened(client, "file:///tmp/fine.py", PREFIX)
     typed(client, "file:///tmp/fine.py", 4, 4, "pri", version=2)
     assert "print" in [it.label for it in (await complete(client, "file:///tmp/fine.py", 4, 7)).items]
-    if not empty_items:  # a known defect, open (see the closing note of 2026-12-05)
-        pytest.xfail("after the bad inputs above, an empty document answers no items (its job computes one)")
 
 
 async def test_long_reads_report_progress(client: LanguageClient) -> None:
