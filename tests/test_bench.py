@@ -304,3 +304,53 @@ def test_typing_pace_memory_and_quality_on_the_tiny_model(tiny_model_path: Path,
     assert md.index("**Typing pace: 3 files") < md.index("**Memory**") < md.index("**Quality**")
     assert md.index("**Ghost text at a typing pace**") < md.index("**Quality**")
     assert md.index("**Quality**") < md.index("**Ghost text defaults, measured**")
+
+
+# -- remote engines and a team on a real llama-server (xllamacpp) -------------------------------
+
+def test_remote_engines_and_a_team_on_llama_server(tiny_model_path: Path, tmp_path: Path) -> None:
+    pytest.importorskip("xllamacpp", reason="xllamacpp (the test extra) embeds llama-server")
+    from lsp_llm.tools.bench import remote, served
+
+    out, readme = tmp_path / "bench", tmp_path / "docs" / "benchmarks.md"
+    readme.parent.mkdir()
+    readme.write_text("# b\n\n" + "\n".join(f"{a}\nold\n{b}\n" for a, b in served.MARKERS.values()) + "kept\n")
+    rc = bench_main([
+        "--model", str(tiny_model_path), "--remote", "--team", "--out", str(out), "--readme", str(readme),
+        "--remote-doc-tokens", "150", "--remote-keystrokes", "8", "--team-sizes", "1,2", "--team-doc-tokens", "150",
+        "--team-keystrokes", "8", "--gen-tokens", "4", "--n-ctx", "1024", "--timeout", "240",
+    ])
+    results = json.loads((out / "results.json").read_text())
+    runs = results["remote"]["runs"]
+    assert rc == 0 and all(r["status"] == "ok" for r in runs), [(r["engine"], r.get("reason")) for r in runs]
+    assert results["sections"] == ["remote", "team"] and results["runs"] == []
+    assert {(r["engine"], r["kind"]) for r in runs} == {(e, k) for e in remote.ENGINES for k in ("end", "middle")}
+    for r in runs:
+        assert len(r["keys"]) == r["of_keys"] == 8 and r["keys"][-1]["latency_ms"] is not None
+        if r["engine"] == remote.OURS_LOCAL:
+            assert "tokens_per_key" not in r and r["fed"] >= 0
+            continue
+        per_key = r["tokens_per_key"]  # the engine's own count, a reading before each keystroke
+        assert len(per_key) == 8 and all(x >= 0 for x in per_key)
+        assert sum(per_key) < 150  # typing is never a whole read of the document
+    ours_end = next(r for r in runs if r["engine"] == remote.OURS_REMOTE and r["kind"] == "end")
+    assert statistics.median(ours_end["tokens_per_key"]) <= 3
+    assert ours_end["totals"]["prompt_tokens_total"] == sum(ours_end["tokens_per_key"])
+    vscode = [r for r in runs if r["engine"] == remote.VSCODE]
+    assert all(r["endpoint"] == "/completion" for r in vscode)  # Gemma 3 has no FIM tokens
+    assert all(1 <= n < 150 for r in vscode for n in r["prompt_n"])  # its last token at least, never a whole read
+    rows = results["team"]["rows"]
+    assert [(r["typists"], r["status"], r["of_keys"]) for r in rows] == [(1, "ok", 8), (2, "ok", 16)]
+    for r in rows:
+        assert 0 < r["prompt_per_key"] <= 4 and r["generated_per_key"] >= 0 and r["keys_per_s"] > 1
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    md = (out / "report.md").read_text()
+    assert md.index("**Remote engines at a typing pace**") < md.index("**A team on one llama-server**")
+    assert "How many developers one server serves" in md and "engine tokens per keystroke <= 3" in md
+    doc = readme.read_text()
+    assert "old" not in doc and doc.endswith("kept\n") and "| lsp-llm on llama-server |" in doc
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (readme.parent / "team.png").stat().st_size > 5_000
