@@ -190,12 +190,16 @@ def rebuild(args: argparse.Namespace) -> int:
         return 2
     _summarize(results)
     png = report.plot(results, out / "bench.png") if results["runs"] else None
-    md = _markdown(results, png)
+    team_png = served.plot(results, out)
+    md = _markdown(results, png, team_png is not None)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "report.md").write_text(md)
     print(md)
-    if args.readme:
+    sections = set(results.get("sections") or ["typing"])
+    if args.readme and sections - set(served.SECTIONS):  # a --remote/--team run leaves the main block alone
         _log("lsp-llm bench: " + report.update_readme(args.readme, md, png, out / "results.json"))
+    if args.readme and sections & set(served.SECTIONS):
+        _log("lsp-llm bench: " + served.update_readme(args.readme, results, team_png))
     return 0
 
 
