@@ -98,7 +98,7 @@ def update_readme(readme: Path, results: dict[str, Any], png: Path | None) -> st
             continue
         body = "\n".join(remote.markdown(results[name]) if name == "remote" else
                          team.markdown(results[name], TEAM_PNG if png else None))
-        new = replace_block(text, MARKERS[name], body, f"lsp-llm bench --{name} --readme {readme.name}")
+        new = replace_block(text, MARKERS[name], body, f"lsp-llm bench --remote --team --readme {_shown(readme)}")
         if new is None:
             return f"{readme} has no {' ... '.join(MARKERS[name])} markers; left unchanged"
         text = new
@@ -112,6 +112,13 @@ def update_readme(readme: Path, results: dict[str, Any], png: Path | None) -> st
         shutil.copyfile(png, target)
         copied = f" and {target}"
     return f"updated the {', '.join(done)} block(s) of {readme}{copied}"
+
+
+def _shown(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return path.name
 
 
 def replace_block(text: str, markers: tuple[str, str], body: str, command: str) -> str | None:
