@@ -1,7 +1,9 @@
 """lsp-llm on a shared engine: the real server over stdio (``--engine-url``)
 on a real llama-server (PyPI's xllamacpp, loopback, the default model, 2
-slots): open, type, complete, ghost text; two documents on two slots;
-tokens processed per keystroke; a wrong URL and a wrong API key."""
+slots), through its native API and its OpenAI-compatible ``/v1``: open,
+type, complete, ghost text; two documents on two slots; tokens processed
+per keystroke; a cancel; a wrong URL, a wrong API, a wrong API key; HTTP
+404, 429 and 5xx mid-session (a small proxy in front of the real engine)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 
 pytest.importorskip("xllamacpp", reason="xllamacpp (the test extra) embeds llama-server")
 
+from fault_proxy import fault_proxy  # noqa: E402
 from llama_server_fixture import free_port, llama_server  # noqa: E402
 from test_trust import Pipe, completion_at, did_change, did_open  # noqa: E402
 
@@ -42,15 +45,18 @@ def items(p: Pipe, uri: str, line: int, col: int) -> list[dict[str, Any]]:
     raise AssertionError("no items")
 
 
-def test_typing_and_completing_on_llama_server(engine_url: str) -> None:
-    p = Pipe(command=remote(engine_url))
+@pytest.mark.parametrize("api", ["llama-server", "openai"])
+def test_typing_and_completing_on_llama_server(engine_url: str, api: str) -> None:
+    url = engine_url + ("/v1" if api == "openai" else "")
+    p = Pipe(command=remote(url, "--engine-api", api))
     try:
         uri = "file:///tmp/remote.py"
         p.frames(did_open(uri, TEXT))
         first = items(p, uri, 5, 8)
         assert first and all(i["textEdit"]["range"]["start"] == {"line": 5, "character": 8} for i in first)
         engine = stats(p)["engine"]
-        assert engine["engine"] == "llama-server" and engine["slots"] == 2 and isinstance(engine["exact"], bool)
+        assert engine["engine"] == api and engine["slots"] == 2 and isinstance(engine["exact"], bool)
+        assert "gemma-3-270m" in engine["model"] and engine["url"] == url
         # type "pri" a keystroke at a time: each request reuses the slot's cache
         fed = []
         for i, ch in enumerate("pri"):
@@ -133,3 +139,60 @@ def test_the_engine_lost_and_back_mid_session(default_model_file: Path) -> None:
             assert items(p, uri, 5, 9)  # the document was sent again
     finally:
         p.close()
+
+
+def test_a_cancelled_completion_is_answered(engine_url: str) -> None:
+    p = Pipe(command=remote(engine_url + "/v1", "--engine-api", "openai"))
+    try:
+        uri = "file:///tmp/cancel.py"
+        p.frames(did_open(uri, TEXT))
+        items(p, uri, 5, 8)
+        p.frames(did_change(uri, 2, 5, 8, 8, "p"))
+        ask = p.request("textDocument/completion", completion_at(uri, 5, 9))
+        p.frames(ask, {"method": "$/cancelRequest", "params": {"id": ask["id"]}})
+        answer = p.answer(ask["id"])
+        assert "result" in answer or answer["error"]["code"] == -32800, answer
+        assert items(p, uri, 5, 9)  # the engine serves on
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize(("api", "v1", "expected"), [
+    ("openai", False, 'engineApi "openai" expects the base URL OpenAI clients take, with /v1'),
+    ("llama-server", True, 'for an OpenAI-compatible /v1 URL set engineApi to "openai"'),
+])
+def test_a_wrong_api_is_one_clear_message(engine_url: str, api: str, v1: bool, expected: str) -> None:
+    p = Pipe(command=remote(engine_url + ("/v1" if v1 else ""), "--engine-api", api))
+    try:
+        uri = "file:///tmp/api.py"
+        p.frames(did_open(uri, TEXT))
+        for _ in range(3):
+            assert p.ask("textDocument/completion", completion_at(uri, 5, 8))["result"]["items"] == []
+        assert sum(expected in m for m in p.messages) == 1, p.messages
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("api", ["llama-server", "openai"])
+def test_http_faults_mid_session_are_told_once_each(engine_url: str, api: str) -> None:
+    with fault_proxy(engine_url) as proxy:
+        p = Pipe(command=remote(proxy.url + ("/v1" if api == "openai" else ""), "--engine-api", api))
+        try:
+            uri = "file:///tmp/faults.py"
+            p.frames(did_open(uri, TEXT))
+            assert items(p, uri, 5, 8)
+            for n, (status, words) in enumerate(((429, "busy: too many requests (HTTP 429)"),
+                                                 (503, "(HTTP 503): fault proxy says 503"), (404, "(HTTP 404)"))):
+                proxy.fault = status
+                p.frames(did_change(uri, 2 + n, 5, 8 + n, 8 + n, "pri"[n]))
+                for _ in range(2):
+                    assert p.ask("textDocument/completion", completion_at(uri, 5, 9 + n))["result"]["items"] == []
+                told = [m for m in p.messages if words in m]
+                assert len(told) == 1 and proxy.url in told[0], p.messages
+                assert stats(p)["engine"]["engine"] == api  # answered: nothing crashed
+            assert len(p.messages) == 3, p.messages
+            proxy.fault = None
+            assert items(p, uri, 5, 11)  # serves again
+            assert p.proc.poll() is None
+        finally:
+            p.close()
