@@ -40,8 +40,9 @@ them (llama.cpp puts a call's rows in the lowest free cells, in row order;
 it worked as laid out). All three marks stayed failing; on the test model
 offset 8 still differed at branch 0's step 11 by the same 0.0745 even with
 branch 0's cells exactly at cell = position (period 32), so cells are not the
-whole cause: what else shares a call (the other rows that want logits;
-llama.cpp runs the last layer for those rows only) is the suspect left open.
+whole cause. Nor is the number of rows that want logits alone (llama.cpp
+runs the last layer for those only): a lone branch whose padding rows all
+wanted logits stayed exact (test model, n = 96, 104, 107, 12 steps). Open.
 One branch probed by hand at n = 64 and 67 (Gemma): cells shifted by 3
 differed from step 1 on, by 8, 16 and 32 were exact for 7 steps.
 """
