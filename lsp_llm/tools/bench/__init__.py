@@ -45,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import ghost, memory, quality, report, served, traces, tuning, typing_section
+from . import ghost, memory, quality, report, scheduling, served, traces, tuning, typing_section
 from .engines import ENGINES, RawModel, Settings, find_llama_server
 
 QUICK = {"doc_tokens": 500, "keystrokes": 50, "sizes": [500, 2000], "sweep_keystrokes": 15,
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure ghost text rule variants and context sizes, to choose the defaults (alone, "
                    "unless another section is given too); full: about 10 minutes")
     served.add_arguments(p)
+    p.add_argument("--scheduling", action="store_true",
+                   help="first visits to files opened together, and completions during a reload (alone, unless "
+                   "another section is given)")
     p.add_argument("--tune-cuts", type=int, help="cut points per file in the --tune section")
     p.add_argument("--pace-keystrokes", type=int, help="keystrokes in the 3-file trace at typing pace")
     p.add_argument("--switch-keystrokes", type=int, help="keystrokes in the 8-file switching trace (0: none)")
@@ -245,6 +248,8 @@ def sections(args: argparse.Namespace) -> set[str]:
     if args.tune:
         chosen.add("tune")
     chosen |= served.chosen(args)
+    if args.scheduling:
+        chosen.add("scheduling")
     return chosen or {"typing", "back-to-back", "quality", "ghost"}
 
 
@@ -303,6 +308,11 @@ def run(args: argparse.Namespace) -> int:
     if "tune" in chosen:
         results["tuning"] = _tuning_section(setup)
     results.update(served.run(setup, chosen, _log))
+    if "scheduling" in chosen:
+        _log("lsp-llm bench: scheduling (first visits, a reload)")
+        cfg = scheduling.QUICK if args.quick else scheduling.FULL
+        results["scheduling"] = scheduling.run_section(str(setup.model_path), args.threads, setup.files, cfg,
+                                                       setup.vocab.count, _log)
     setup.vocab.close()
     settings = setup.settings(setup.cfg["n_ctx"])
     results.update({
@@ -339,8 +349,10 @@ def _write(results: dict, setup: Setup) -> int:
     print(md)
     _log(f"lsp-llm bench: wrote {out / 'results.json'}, {out / 'report.md'}" + (f", {png}" if png else "")
          + f" in {results['elapsed_s']:.0f} s")
-    if args.readme and set(results["sections"]) - set(served.SECTIONS):
+    if args.readme and set(results["sections"]) - {*served.SECTIONS, "scheduling"}:
         _log("lsp-llm bench: " + report.update_readme(args.readme, md, png, out / "results.json"))
+    if args.readme and results.get("scheduling"):
+        _log("lsp-llm bench: " + scheduling.update_readme(args.readme, results["scheduling"]))
     if args.readme and set(results["sections"]) & set(served.SECTIONS):
         _log("lsp-llm bench: " + served.update_readme(args.readme, results, team_png))
     runs = results["runs"] + results["paced_runs"]
@@ -365,6 +377,8 @@ def _summarize(results: dict) -> None:
 def _markdown(results: dict, png: Path | None, team_png: bool = False) -> str:
     first = typing_section.markdown(results["paced_traces"], results["paced_summaries"])
     first += memory.markdown([memory.MemoryRow(**r) for r in results["memory"]])
+    if results.get("scheduling"):
+        first += scheduling.markdown(results["scheduling"])
     last = served.markdown(results, team_png)
     last += ghost.markdown(results["ghost"]) if results["ghost"] else []
     last += quality.markdown(results["quality"]) if results["quality"] else []
