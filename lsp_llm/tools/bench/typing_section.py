@@ -14,9 +14,11 @@ from .report import ORDER, OURS, pct
 
 def paced_traces(files: list[Path], cfg: dict, seed: int, count: traces.TokenCounter) -> list[traces.Trace]:
     """The 3-file trace and the 8-file switching trace, each with its pauses."""
-    three = traces.multi_file_trace(files[:3], cfg["doc_tokens"], cfg["pace_keystrokes"], seed, count=count)
-    three.name = f"{three.name}, typing pace"
-    out = [three]
+    out = []
+    if cfg["pace_keystrokes"]:  # (--pace-keystrokes 0: the 8-file trace alone)
+        three = traces.multi_file_trace(files[:3], cfg["doc_tokens"], cfg["pace_keystrokes"], seed, count=count)
+        three.name = f"{three.name}, typing pace"
+        out.append(three)
     if len(files) >= 4 and cfg["switch_keystrokes"]:
         out.append(traces.switching_trace(files[:8], cfg["switch_doc_tokens"], cfg["switch_keystrokes"], seed,
                                           cfg["switch_every"], count=count))
