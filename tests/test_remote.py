@@ -182,7 +182,8 @@ def test_http_faults_mid_session_are_told_once_each(engine_url: str, api: str) -
             p.frames(did_open(uri, TEXT))
             assert items(p, uri, 5, 8)
             for n, (status, words) in enumerate(((429, "busy: too many requests (HTTP 429)"),
-                                                 (503, "(HTTP 503): fault proxy says 503"), (404, "(HTTP 404)"))):
+                                                 (503, "(HTTP 503): fault proxy says 503"),
+                                                 (404, "has no "))):
                 proxy.fault = status
                 p.frames(did_change(uri, 2 + n, 5, 8 + n, 8 + n, "pri"[n]))
                 for _ in range(2):
