@@ -14,7 +14,10 @@ at the end and in the middle, each keystroke at its time on the trace's clock
 * ``lsp-llm in-process``: the server with llama.cpp in its own process.
 
 Each run gets a fresh llama-server (llama_host.py: 1 slot, the run's one
-document). Latency as in paced.py (to the first fresh answer). Tokens per
+document). The typing clock starts once the document is read: lsp-llm answers
+items at the first cursor (a request past its read budget answers empty while
+the read goes on; editors ask again) and no llama-server slot is processing.
+Latency as in paced.py (to the first fresh answer). Tokens per
 keystroke: the engine's own count, ``llamacpp:prompt_tokens_total`` from
 ``/metrics`` sampled just before each keystroke (the difference is what the
 engine evaluated for the keystroke before, background work included); for
@@ -35,7 +38,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ..client import StdioServer, server_command
+from ..client import StdioServer, completion_items, server_command
 from . import llama_host, pace, paced, traces
 from .engines import Settings, cpu_seconds
 from .report import pct
@@ -50,6 +53,7 @@ T_MAX_PREDICT_MS = 250
 GREEDY = {"samplers": ["top_k"], "top_k": 1, "temperature": 0.0}
 LEAD_S = 0.005  # /metrics is read this long before each keystroke
 SETTLE_S = 0.5  # after the last answer, before the last reading
+READ_WAIT_S = 120.0  # the longest wait for lsp-llm to answer items at a document's first cursor
 IDLE_TIMEOUT_S = 600.0  # the longest wait for the engine to finish reading the opened files
 
 
@@ -159,12 +163,11 @@ def lsp_command(s: Settings, url: str | None) -> list[str]:
 async def lsp_typist(s: Settings, trace: traces.Trace, url: str | None, meter: Meter | None, log: Path,
                      gate: Callable[[], Awaitable[Any]] | None = None) -> dict:
     """One editor typing the trace into lsp-llm (on llama-server at url, or
-    in-process); with a gate, it waits there after opening its documents (a
-    request answers empty past its read budget while the read goes on: on a
-    remote engine the gate waits for the engine to finish it)."""
+    in-process), once its documents are read; with a gate, it waits there too."""
     editor = await StdioServer.launch(lsp_command(s, url), {"lineTokens": s.gen_tokens}, s.timeout_s, log)
     try:
         await paced.open_documents(editor, trace, s.timeout_s)
+        await read_done(editor, trace, min(s.timeout_s, READ_WAIT_S))
         if gate is not None:
             await gate()
         before = await editor.stats()
@@ -178,6 +181,19 @@ async def lsp_typist(s: Settings, trace: traces.Trace, url: str | None, meter: M
     return {"answers": answers, "fed": _doc_delta(before, after, "fed_total"),
             "generated": _doc_delta(before, after, "generated_total"), "client_cpu_s": cpu,
             "engine_info": after.get("engine")}
+
+
+async def read_done(editor: StdioServer, trace: traces.Trace, timeout: float) -> None:
+    """Until each document answers with items at its first cursor, as editors retry:
+    a request past its read budget answers empty while the read goes on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for d, text in zip(trace.docs, paced.warm_texts(trace)):
+        while loop.time() < deadline:
+            got = await asyncio.wait_for(editor.complete(d.uri, d.text, _end_of(text)).future, timeout)
+            if completion_items(got):
+                break
+            await asyncio.sleep(0.2)
 
 
 def _doc_delta(before: dict, after: dict, key: str) -> int:
@@ -398,12 +414,13 @@ def _f(x: float | None, digits: int = 1) -> str:
 def markdown(section: dict) -> list[str]:
     out = ["**Remote engines at a typing pace** (one file, one llama-server slot per run, fresh for each run; "
            "tokens: prompt tokens the engine evaluated per keystroke, read from llama-server's `/metrics` "
-           "before each keystroke; in-process: lsp-llm's own `fed_total`)", ""]
+           "before each keystroke (none in-process); the client's own count: `timings.prompt_n` of the answered "
+           "requests, or lsp-llm's `fed_total` per keystroke)", ""]
     for t in section["traces"]:
         out += [f"*{t['name']}* ({t['kind']}; ~{t['doc_tokens']:,} tokens before the cursor, {t['keys']} "
                 f"keystrokes, {t['duration_s']:.0f} s of typing)", "",
                 "| engine | p50 ms | p90 ms | p99 ms | tokens/key p50 | p90 | mean | generated/key "
-                "| request prompt_n p50 | engine CPU ms/key |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| the client's own count | engine CPU ms/key |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for x in (RemoteSummary(**s) for s in section["summaries"] if s["trace"] == t["name"]):
             out.append(_row(x))
         out.append("")
@@ -419,7 +436,6 @@ def _row(x: RemoteSummary) -> str:
         return f"| {x.engine} | {x.status}: {x.reason or ''} |||||||||"
     missing = f" ({x.of_keys - x.keys} keys never answered)" if x.keys != x.of_keys else ""
     tokens = (_f(x.tokens_p50, 0), _f(x.tokens_p90, 0), _f(x.tokens_mean))
-    if x.engine == OURS_LOCAL:
-        tokens = ("–", "–", f"{_f(x.fed_mean)} (fed)")
+    own = f"prompt_n p50 {_f(x.request_prompt_n_p50, 0)}" if x.engine == VSCODE else f"fed_total {_f(x.fed_mean)}/key"
     return (f"| {x.engine}{missing} | {_f(x.p50_ms)} | {_f(x.p90_ms)} | {_f(x.p99_ms)} | {' | '.join(tokens)} "
-            f"| {_f(x.generated_mean)} | {_f(x.request_prompt_n_p50, 0)} | {_f(x.engine_cpu_ms_per_key, 0)} |")
+            f"| {_f(x.generated_mean)} | {own} | {_f(x.engine_cpu_ms_per_key, 0)} |")
