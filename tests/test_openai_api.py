@@ -107,8 +107,8 @@ def vllm_400(path: str, body: Any) -> tuple[int, Any] | None:
     if (body.get("logprobs") or 0) > 20:
         n = body["logprobs"]
         return 400, {"error": {"message": f"Requested sample logprobs of {n}, which is greater than max allowed: 20"}}
-    if "cache_salt" in body:
-        return 400, {"error": {"message": "Unrecognized request argument supplied: cache_salt"}}
+    if "cache_salt" in body:  # (vLLM's older error shape: the message at the top)
+        return 400, {"object": "error", "message": "Unrecognized request argument supplied: cache_salt", "code": 400}
     return None
 
 

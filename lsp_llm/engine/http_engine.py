@@ -134,8 +134,11 @@ def display_url(base_url: str) -> str:
 
 
 def _server_message(response: httpx.Response) -> str:
+    """The server's message: ``{"error": {"message"}}`` (OpenAI, llama-server), ``{"error": text}``,
+    or ``{"message"}`` at the top (vLLM's older errors)."""
     try:
-        error = response.json().get("error")
+        answer = response.json()
+        error = answer.get("error") or answer.get("message")
     except (ValueError, AttributeError):
         return response.text.strip()[:300]
     if isinstance(error, dict):
