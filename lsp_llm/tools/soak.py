@@ -20,6 +20,7 @@ import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
@@ -338,6 +339,32 @@ class Soak:
         return self.fig
 
 
+def plot(fig: Figures, png: Path) -> None:
+    """RSS over the run, with the greedy memo's steps and the saved sequences' MB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ax: Any
+    _, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([m for m, _ in fig.rss_mb], [mb for _, mb in fig.rss_mb], label="server RSS (MB)", color="C0")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("MB")
+    if fig.held:
+        ax.plot([h[0] for h in fig.held], [h[3] for h in fig.held], label="saved sequences (MB)", color="C2")
+        memo = ax.twinx()
+        memo.plot([h[0] for h in fig.held], [h[1] for h in fig.held], label="greedy memo (steps)", color="C1")
+        memo.set_ylabel("memo steps")
+        memo.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    minutes = max(fig.minutes, fig.rss_mb[-1][0] if fig.rss_mb else 0.0)
+    ax.set_title(f"lsp-llm soak: {minutes:.0f} minutes, {fig.edits:,} edits, {fig.completions:,} completions")
+    plt.tight_layout()
+    plt.savefig(png, dpi=100)
+    plt.close()
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lsp-llm soak", description=__doc__)
     p.add_argument("--minutes", type=float, default=30.0, help="stop after this long at the latest")
@@ -348,11 +375,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-s", type=float, default=15.0, help="seconds between RSS samples")
-    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON (as the run goes)")
+    p.add_argument("--plot", metavar="PNG", help="also plot RSS and what the server holds over time")
+    p.add_argument("--from-json", metavar="PATH", help="no run: summarize (and --plot) a run's JSON")
     args = p.parse_args(argv)
-    fig = asyncio.run(Soak(args).run())
+    if args.from_json:
+        fig = Figures(**json.loads(Path(args.from_json).read_text()))
+    else:
+        fig = asyncio.run(Soak(args).run())
     print(fig.summary())
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(asdict(fig), indent=1))
+    if args.plot:
+        plot(fig, Path(args.plot))
     failed = fig.crashes or fig.unanswered or fig.mirror_mismatches or fig.bad_ranges or fig.bad_answered_wrong
     return 1 if failed else 0
