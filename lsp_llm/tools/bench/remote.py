@@ -14,9 +14,9 @@ at the end and in the middle, each keystroke at its time on the trace's clock
 * ``lsp-llm in-process``: the server with llama.cpp in its own process.
 
 Each run gets a fresh llama-server (llama_host.py: 1 slot, the run's one
-document). The typing clock starts once the document is read: lsp-llm answers
-items at the first cursor (a request past its read budget answers empty while
-the read goes on; editors ask again) and no llama-server slot is processing.
+document). The typing clock starts once the document is read: the lsp-llm
+server has gone quiet (a request past its read budget answers empty while the
+read goes on in the background) and no llama-server slot is processing.
 Latency as in paced.py (to the first fresh answer). Tokens per
 keystroke: the engine's own count, ``llamacpp:prompt_tokens_total`` from
 ``/metrics`` sampled just before each keystroke (the difference is what the
@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from ..client import StdioServer, completion_items, server_command
+from ..client import StdioServer, server_command
 from . import llama_host, pace, paced, traces
 from .engines import Settings, cpu_seconds
 from .report import pct
@@ -53,7 +53,8 @@ T_MAX_PREDICT_MS = 250
 GREEDY = {"samplers": ["top_k"], "top_k": 1, "temperature": 0.0}
 LEAD_S = 0.005  # /metrics is read this long before each keystroke
 SETTLE_S = 0.5  # after the last answer, before the last reading
-READ_WAIT_S = 120.0  # the longest wait for lsp-llm to answer items at a document's first cursor
+READ_WAIT_S = 300.0  # the longest wait for lsp-llm to go quiet after opening its documents
+QUIET_S, QUIET_SHARE = 0.5, 0.1  # quiet: under 10% of a core over half a second, twice in a row
 IDLE_TIMEOUT_S = 600.0  # the longest wait for the engine to finish reading the opened files
 
 
@@ -167,7 +168,7 @@ async def lsp_typist(s: Settings, trace: traces.Trace, url: str | None, meter: M
     editor = await StdioServer.launch(lsp_command(s, url), {"lineTokens": s.gen_tokens}, s.timeout_s, log)
     try:
         await paced.open_documents(editor, trace, s.timeout_s)
-        await read_done(editor, trace, min(s.timeout_s, READ_WAIT_S))
+        await quiet(editor.pid, READ_WAIT_S)
         if gate is not None:
             await gate()
         before = await editor.stats()
@@ -183,17 +184,16 @@ async def lsp_typist(s: Settings, trace: traces.Trace, url: str | None, meter: M
             "engine_info": after.get("engine")}
 
 
-async def read_done(editor: StdioServer, trace: traces.Trace, timeout: float) -> None:
-    """Until each document answers with items at its first cursor, as editors retry:
-    a request past its read budget answers empty while the read goes on."""
+async def quiet(pid: int, timeout: float, share: float = QUIET_SHARE) -> None:
+    """Until the process uses under ``share`` of a core over QUIET_S, twice in a row:
+    the reads of the opened documents done (a request past its read budget answers
+    empty while the read goes on in the background)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    for d, text in zip(trace.docs, paced.warm_texts(trace)):
-        while loop.time() < deadline:
-            got = await asyncio.wait_for(editor.complete(d.uri, d.text, _end_of(text)).future, timeout)
-            if completion_items(got):
-                break
-            await asyncio.sleep(0.2)
+    deadline, calm = loop.time() + timeout, 0
+    while calm < 2 and loop.time() < deadline:
+        c0 = cpu_seconds(pid)
+        await asyncio.sleep(QUIET_S)
+        calm = calm + 1 if cpu_seconds(pid) - c0 < share * QUIET_S else 0
 
 
 def _doc_delta(before: dict, after: dict, key: str) -> int:

@@ -149,8 +149,8 @@ def paragraph(rows: list[TeamRow]) -> str:
         return "How many developers one server serves: needs the N = 1 row."
     c = capacity(one)
     return (f"**How many developers one server serves, on paper** (from the N = 1 row): a keystroke costs the "
-            f"engine {one.prompt_per_key:.1f} prompt tokens (at {_f(one.prompt_tps, 0)} tokens/s) and "
-            f"{one.generated_per_key:.1f} generated tokens (at {_f(one.generated_tps, 0)} tokens/s), "
+            f"engine {one.prompt_per_key:.1f} prompt tokens (at {_tps(one.prompt_tps)}) and "
+            f"{one.generated_per_key:.1f} generated tokens (at {_tps(one.generated_tps)}), "
             f"{c['engine_ms_per_key']:.1f} ms of its time (llama-server's timings while typing; it read the "
             f"opened files at {_f(one.bulk_prompt_tps, 0)} tokens/s). A developer typing without pause makes "
             f"{one.keys_per_s:.1f} keystrokes/s, so keeps the engine {100 * c['busy_share']:.1f}% busy: "
@@ -159,6 +159,25 @@ def paragraph(rows: list[TeamRow]) -> str:
             f"most {100 * BUSY_SHARE:.0f}% busy. People type a fraction of the day, so more are served in "
             f"practice; slots batched in one decode cost less than their sum, so this is a lower bound for "
             f"typing, not counting reading files (a file is read once).")
+
+
+def _tps(x: float) -> str:
+    """A throughput; llama-server times a token sampled with the prompt (n_predict 0) at about 1 µs."""
+    return "no measurable time" if math.isnan(x) or x > 1e5 else f"{x:,.0f} tokens/s"
+
+
+def _shared_slots_note(rows: list[TeamRow]) -> list[str]:
+    """When typists together cost the engine far more per keystroke than one alone."""
+    one = next((r for r in rows if r.typists == 1 and r.status == "ok"), None)
+    worse = [r for r in rows if one and r.typists > 1 and r.status == "ok"
+             and r.prompt_per_key > 3 * max(1.0, one.prompt_per_key)]
+    if not worse:
+        return []
+    return [f"With {', '.join(str(r.typists) for r in worse)} typists a keystroke costs the engine "
+            f"{', '.join(_f(r.prompt_per_key) for r in worse)} prompt tokens against {_f(one.prompt_per_key)} "
+            "alone: each lsp-llm server pins its documents to the engine's slots by its own count (slot 0 first), "
+            "so servers sharing one llama-server evict each other's prompt caches (llama-server's log: "
+            "`selected slot by id`).", ""]
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -185,7 +204,7 @@ def markdown(section: dict, plot_name: str | None) -> list[str]:
         out.append(f"| {r.typists}{missing} | {_f(r.p50_ms)} | {_f(r.p90_ms)} | {_f(r.p99_ms)} "
                    f"| {_f(r.prompt_per_key)} | {_f(r.generated_per_key)} | {_f(engine_ms)} "
                    f"| {_f(r.engine_cpu_ms_per_key, 0)} | {_f(r.fed_per_key)} |")
-    out += ["", paragraph(rows), ""]
+    out += ["", *_shared_slots_note(rows), paragraph(rows), ""]
     if plot_name:
         out += [f"![a team on one llama-server]({plot_name})", ""]
     return out
