@@ -35,13 +35,16 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="a serving engine's base URL (llama-server: http://host:8080; openai: with /v1); "
                    "default: llama.cpp in-process. The API key comes from LSP_LLM_API_KEY")
     p.add_argument("--engine-api", choices=("llama-server", "openai"), default="llama-server")
+    p.add_argument("--engine-slots", choices=("own", "shared"), default="own",
+                   help="llama-server's slots: one pinned per document (own), or chosen by the engine (shared: "
+                   "several lsp-llm servers, a team, on one engine)")
     return p
 
 
 def settings_from(args: argparse.Namespace) -> tuple[Settings, list[str]]:
     raw = {"model": args.model, "n_ctx": args.n_ctx, "threads": args.threads,
            "max_sessions": args.max_sessions, "log_level": args.log_level,
-           "engine_url": args.engine_url, "engine_api": args.engine_api}
+           "engine_url": args.engine_url, "engine_api": args.engine_api, "engine_slots": args.engine_slots}
     return Settings().update(raw)
 
 

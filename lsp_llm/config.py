@@ -39,9 +39,10 @@ class Settings:
     log_level: str = "info"
     engine_url: str = ""  # a serving engine's base URL; empty: llama.cpp in-process (model, threads, nCtx)
     engine_api: str = "llama-server"  # the engine's API: "llama-server" (native) or "openai" (base URL with /v1)
+    engine_slots: str = "own"  # llama-server: "own" (a slot pinned per document) or "shared" (a team's engine)
 
     # settings that need a new model or new contexts when they change
-    RELOAD = ("model", "n_ctx", "threads", "engine_url", "engine_api")
+    RELOAD = ("model", "n_ctx", "threads", "engine_url", "engine_api", "engine_slots")
 
     @property
     def headroom(self) -> int:
@@ -151,6 +152,7 @@ _VALIDATORS = {
     "log_level": _log_level,
     "engine_url": _url,
     "engine_api": _one_of("llama-server", "openai"),
+    "engine_slots": _one_of("own", "shared"),
 }
 
 

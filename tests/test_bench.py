@@ -342,8 +342,8 @@ def test_remote_engines_and_a_team_on_llama_server(tiny_model_path: Path, tmp_pa
     rows = results["team"]["rows"]
     assert [(r["typists"], r["status"], r["of_keys"]) for r in rows] == [(1, "ok", 8), (2, "ok", 16)]
     assert 0 < rows[0]["prompt_per_key"] <= 4  # one typist at the end of its file: a few tokens a keystroke
-    for r in rows:  # several lsp-llm servers share the slots: plausible, not good (see the team's note)
-        assert 0 < r["prompt_per_key"] < 2 * 150 and r["generated_per_key"] >= 0 and r["keys_per_s"] > 1
+    for r in rows:  # several lsp-llm servers on one engine (engineSlots shared): no typist evicts another's cache
+        assert 0 < r["prompt_per_key"] <= 4 and r["generated_per_key"] >= 0 and r["keys_per_s"] > 1
         assert r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
     md = (out / "report.md").read_text()
     assert md.index("**Remote engines at a typing pace**") < md.index("**A team on one llama-server**")

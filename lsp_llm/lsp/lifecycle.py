@@ -114,6 +114,8 @@ def connect_beside(s: Settings) -> Future[RemotePool]:
 
 def connect(s: Settings) -> RemotePool:
     server = ENGINE_APIS[s.engine_api](s.engine_url, os.environ.get(API_KEY_VARIABLE) or None)
+    if isinstance(server, LlamaServer):
+        server.shared = s.engine_slots == "shared"
     try:
         info = server.connect()
         bos = [info.bos_id] if info.add_bos and info.bos_id is not None else []

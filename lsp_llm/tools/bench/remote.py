@@ -155,17 +155,17 @@ def totals(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 # -- lsp-llm ---------------------------------------------------------------------------------
 
 
-def lsp_command(s: Settings, url: str | None) -> list[str]:
+def lsp_command(s: Settings, url: str | None, slots: str = "own") -> list[str]:
     if url is None:
         return s.command(quiet=True)
-    return server_command(None, s.threads, "warning", s.server_cmd, engine_url=url)
+    return server_command(None, s.threads, "warning", s.server_cmd, engine_url=url, engine_slots=slots)
 
 
 async def lsp_typist(s: Settings, trace: traces.Trace, url: str | None, meter: Meter | None, log: Path,
-                     gate: Callable[[], Awaitable[Any]] | None = None) -> dict:
+                     gate: Callable[[], Awaitable[Any]] | None = None, slots: str = "own") -> dict:
     """One editor typing the trace into lsp-llm (on llama-server at url, or
     in-process), once its documents are read; with a gate, it waits there too."""
-    editor = await StdioServer.launch(lsp_command(s, url), {"lineTokens": s.gen_tokens}, s.timeout_s, log)
+    editor = await StdioServer.launch(lsp_command(s, url, slots), {"lineTokens": s.gen_tokens}, s.timeout_s, log)
     try:
         await paced.open_documents(editor, trace, s.timeout_s)
         await quiet(editor.pid, READ_WAIT_S)

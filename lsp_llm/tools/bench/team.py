@@ -90,7 +90,7 @@ async def _team(s: Settings, ts: list[traces.Trace], host: llama_host.Host, log:
 
     meter = remote.Meter(host.url)
     try:
-        typing = asyncio.gather(*(remote.lsp_typist(s, t, host.url, None, log.with_suffix(f".{i}.log"), gate)
+        typing = asyncio.gather(*(remote.lsp_typist(s, t, host.url, None, log.with_suffix(f".{i}.log"), gate, "shared")
                                   for i, t in enumerate(ts)))
         await ready.wait()
         await meter.idle()
@@ -175,9 +175,7 @@ def _shared_slots_note(rows: list[TeamRow]) -> list[str]:
         return []
     return [f"With {', '.join(str(r.typists) for r in worse)} typists a keystroke costs the engine "
             f"{', '.join(_f(r.prompt_per_key) for r in worse)} prompt tokens against {_f(one.prompt_per_key)} "
-            "alone: each lsp-llm server pins its documents to the engine's slots by its own count (slot 0 first), "
-            "so servers sharing one llama-server evict each other's prompt caches (llama-server's log: "
-            "`selected slot by id`).", ""]
+            "alone: the servers evict each other's prompt caches on the engine's slots.", ""]
 
 
 def _f(x: float | None, digits: int = 1) -> str:
