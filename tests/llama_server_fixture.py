@@ -21,7 +21,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _params(model: Path, slots: int, threads: int, api_keys: list[str] | None, port: int | None = None) -> Any:
+def _params(model: Path, slots: int, threads: int, api_keys: list[str] | None, port: int | None = None,
+            slot_save: Path | None = None, prompt_cache: bool = True) -> Any:
     import xllamacpp as xlc
 
     p = xlc.CommonParams()
@@ -38,6 +39,10 @@ def _params(model: Path, slots: int, threads: int, api_keys: list[str] | None, p
     p.swa_full = True
     if api_keys:
         p.api_keys = api_keys
+    if slot_save is not None:
+        p.slot_save_path = f"{slot_save}/"  # the server appends the file name as is
+    if not prompt_cache:
+        p.cache_ram_mib = 0  # no host-memory prompt cache: an evicted slot's prompt is read again
     return p
 
 
@@ -57,12 +62,14 @@ def _wait_ready(url: str, api_key: str | None) -> None:
 
 @contextmanager
 def llama_server(
-    model: Path, slots: int = 2, threads: int = 2, api_keys: list[str] | None = None, port: int | None = None
+    model: Path, slots: int = 2, threads: int = 2, api_keys: list[str] | None = None, port: int | None = None,
+    slot_save: Path | None = None, prompt_cache: bool = True,
 ) -> Iterator[str]:
-    """The base URL of a llama-server serving ``model`` until the block ends."""
+    """The base URL of a llama-server serving ``model`` until the block ends (``slot_save``: its
+    ``--slot-save-path``; ``prompt_cache=False``: no host-memory prompt cache)."""
     import xllamacpp as xlc
 
-    params = _params(model, slots, threads, api_keys, port)
+    params = _params(model, slots, threads, api_keys, port, slot_save, prompt_cache)
     server = xlc.Server(params)
     url = f"http://127.0.0.1:{params.port}"
     try:

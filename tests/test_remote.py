@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("xllamacpp", reason="xllamacpp (the test extra) embeds llama-server")
 
+import test_trust  # noqa: E402
 from fault_proxy import fault_proxy  # noqa: E402
 from llama_server_fixture import free_port, llama_server  # noqa: E402
 from test_trust import Pipe, completion_at, did_change, did_open  # noqa: E402
@@ -195,5 +196,54 @@ def test_http_faults_mid_session_are_told_once_each(engine_url: str, api: str) -
             proxy.fault = None
             assert items(p, uri, 5, 11)  # serves again
             assert p.proc.poll() is None
+        finally:
+            p.close()
+
+
+def test_ghost_text_goes_through_infill_on_a_fim_model(tiny_fim_model_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # a few tokens, all the time it takes: the tiny model may never end a line (and a busy
+    # machine decodes slowly)
+    monkeypatch.setattr(test_trust, "OPTIONS", {**test_trust.OPTIONS, "inlineTokens": 6, "inlineBudgetMs": 60000})
+    with llama_server(tiny_fim_model_path, slots=2, threads=2) as url:
+        p = Pipe(command=remote(url))
+        try:
+            uri = "file:///tmp/fim.py"
+            p.frames(did_open(uri, TEXT + "\n    return root\n"))
+            ghost = p.ask("textDocument/inlineCompletion", {**completion_at(uri, 5, 8), "context": {"triggerKind": 1}})
+            assert "items" in ghost["result"]  # (the random tiny model's middle is control tokens: no text)
+            st = stats(p)
+            assert st["engine"]["infill"] is True and st["engine"]["infill_requests"] == 1, st["engine"]
+            fim = st["documents"][uri + "#fim"]  # on the document's FIM slot, its own
+            assert fim["requests_total"] == 1 and fim["generated_total"] >= 1, fim
+        finally:
+            p.close()
+
+
+def _long_text(name: str) -> str:
+    return "".join(f"def {name}_{i}(x):\n    return x * {i} + len('{name}{i}')\n\n" for i in range(40)) + "x = "
+
+
+@pytest.mark.parametrize("save", [True, False])
+def test_an_evicted_document_comes_back_from_a_saved_slot(tiny_model_path: Path, tmp_path: Path, save: bool) -> None:
+    with llama_server(tiny_model_path, slots=2, threads=2, slot_save=tmp_path if save else None,
+                      prompt_cache=False) as url:
+        p = Pipe(command=remote(url))
+        try:
+            docs = [f"file:///tmp/{n}.py" for n in ("a", "b", "c")]
+            texts = {d: _long_text(n) for d, n in zip(docs, ("alpha", "beta", "gamma"))}
+            last = texts[docs[0]].count("\n")
+            for d in docs:  # a, b on the two slots; c takes a's
+                p.frames(did_open(d, texts[d]))
+                items(p, d, last, 4)
+            before = stats(p)["documents"][docs[0]]["fed_total"]
+            items(p, docs[0], last, 4)  # a is back: its slot restored, or read again
+            st = stats(p)
+            fed = st["documents"][docs[0]]["fed_total"] - before
+            assert st["engine"]["slot_files"] is save
+            if save:
+                assert fed <= 10 and st["documents"][docs[0]]["restored"] >= 1, (fed, st)
+            else:
+                assert fed > 500, fed
         finally:
             p.close()

@@ -104,6 +104,7 @@ class ServerInfo:
     bos: str | None
     eos: str | None
     n_vocab: int | None
+    slot_files: bool = False  # slots can be saved to and restored from the server's disk
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,20 @@ class HttpEngine:
         stop: list[str] | None = None,
     ) -> list[tuple[list[int], Timings]]:
         """The greedy continuation of each prompt (up to ``n_predict`` tokens)."""
+        raise NotImplementedError
+
+    def infill(self, slot: int, prefix: str, suffix: str, n_predict: int, should_stop: ShouldStop = _never,
+               stop: list[str] | None = None, t_max_ms: int = 0) -> tuple[list[int], Timings]:
+        """The greedy middle between ``prefix`` and ``suffix`` (where ``ServerInfo.infill``); past
+        ``t_max_ms``, it ends at the next line break."""
+        raise NotImplementedError
+
+    def save_slot(self, slot: int, filename: str) -> int:
+        """The slot's cache saved on the server (where ``ServerInfo.slot_files``): tokens saved."""
+        raise NotImplementedError
+
+    def restore_slot(self, slot: int, filename: str) -> int:
+        """The slot's cache restored from the server's disk: tokens restored (0: none)."""
         raise NotImplementedError
 
     def measure_exact(self, prompt: list[int], slot: int = 0) -> bool:

@@ -15,6 +15,12 @@ Server behaviour this relies on (measured with llama.cpp's server through xllama
   concurrent requests, one per slot (the server batches them all the same).
 - An ``id_slot`` out of range is silently ignored (any slot is used): checked here.
 - With ``stop`` strings, ``tokens`` still carry every generated token, the stop's included.
+- ``/infill`` takes the text around the cursor (``input_prefix``, ``input_suffix``; its
+  ``prompt`` must be a string) and lays it out with the model's FIM tokens, prefix first:
+  ``BOS <PRE> prefix <SUF> suffix <MID>``. It streams and answers as ``/completion`` does.
+- ``POST /slots/{id}?action=save|restore`` with ``{"filename": ...}`` needs ``--slot-save-path``
+  (else 501); an unknown action is a 400, which tells at connect without touching a slot.
+  The file name is appended to the path as given (the path needs its trailing slash).
 """
 
 from __future__ import annotations
@@ -91,6 +97,41 @@ class LlamaServer(HttpEngine):
             self._slot(slot)
         return self._call(self._greedy(slots, prompts, n_predict, stop), should_stop)
 
+    def infill(
+        self,
+        slot: int,
+        prefix: str,
+        suffix: str,
+        n_predict: int,
+        should_stop: ShouldStop = _never,
+        stop: list[str] | None = None,
+        t_max_ms: int = 0,
+    ) -> tuple[list[int], Timings]:
+        """The greedy middle between ``prefix`` and ``suffix`` (``/infill``, the server's FIM
+        layout), as ``greedy`` bounds and stops it, on ``slot``; past ``t_max_ms`` of generation
+        the server ends it at the next line break (``t_max_predict_ms``: a first line comes back
+        whole, and what is ready comes back within the budget)."""
+        body = {"input_prefix": prefix, "input_suffix": suffix, "input_extra": [], "n_predict": n_predict,
+                "return_tokens": True, "stop": stop or [], "id_slot": self._slot(slot), **GREEDY,
+                "t_max_predict_ms": t_max_ms}
+        return self._call(self._many(body, 1, "/infill"), should_stop)[0]
+
+    def save_slot(self, slot: int, filename: str) -> int:
+        """The slot's cache written to ``filename`` on the server: the tokens saved."""
+        answer = self._call(self._slot_action(slot, "save", filename), _never)
+        return int(answer.get("n_saved", 0))
+
+    def restore_slot(self, slot: int, filename: str) -> int:
+        """The slot's cache read back from ``filename``: the tokens restored (0 when the file
+        is not there or does not fit)."""
+        try:
+            answer = self._call(self._slot_action(slot, "restore", filename), _never)
+        except EngineError as e:
+            if e.kind != "bad_request":
+                raise
+            return 0
+        return int(answer.get("n_restored", 0))
+
     def measure_exact(self, prompt: list[int], slot: int = 0) -> bool:
         """``HttpEngine.measure_exact`` on ``slot``'s cache."""
         return super().measure_exact(prompt, self._slot(slot))
@@ -107,9 +148,12 @@ class LlamaServer(HttpEngine):
             raise ValueError(f"slot {slot} out of range: llama-server at {self.url} has {n} slots")
         return slot
 
-    def _events(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The streamed answers of one ``/completion`` request."""
-        return self._stream("/completion", {"cache_prompt": True, **body, "stream": True})
+    def _events(self, body: dict[str, Any], path: str = "/completion") -> AsyncIterator[dict[str, Any]]:
+        """The streamed answers of one ``/completion`` (or ``/infill``) request."""
+        return self._stream(path, {"cache_prompt": True, **body, "stream": True})
+
+    async def _slot_action(self, slot: int, action: str, filename: str) -> dict[str, Any]:
+        return await self._json("POST", f"/slots/{self._slot(slot)}?action={action}", {"filename": filename})
 
     async def _one(self, body: dict[str, Any]) -> tuple[dict[str, Any], Timings]:
         """One prompt's first answer (the one with probabilities) and the final timings."""
@@ -123,17 +167,17 @@ class LlamaServer(HttpEngine):
             raise EngineError(f"{self.label} ended /completion without a final answer", "protocol")
         return first, timings
 
-    async def _many(self, body: dict[str, Any], n: int) -> list[tuple[list[int], Timings]]:
+    async def _many(self, body: dict[str, Any], n: int, path: str = "/completion") -> list[tuple[list[int], Timings]]:
         """Tokens and timings of each of ``n`` prompts sent in one request."""
         tokens: list[list[int]] = [[] for _ in range(n)]
         timings: list[Timings | None] = [None] * n
-        async for event in self._events(body):
+        async for event in self._events(body, path):
             i = int(event.get("index", 0))
             tokens[i].extend(event.get("tokens") or [])
             if event.get("stop"):
                 timings[i] = _timings(event)
         if any(t is None for t in timings):
-            raise EngineError(f"{self.label} ended /completion before every answer", "protocol")
+            raise EngineError(f"{self.label} ended {path} before every answer", "protocol")
         return [(tok, t) for tok, t in zip(tokens, timings) if t is not None]
 
     async def _greedy(
@@ -201,6 +245,7 @@ class LlamaServer(HttpEngine):
             bos=bos,
             eos=eos,
             n_vocab=(model[0].get("meta") or {}).get("n_vocab"),
+            slot_files=await self._slot_files(),
         )
 
     @staticmethod
@@ -222,6 +267,17 @@ class LlamaServer(HttpEngine):
                 return None
             raise
         return None
+
+    async def _slot_files(self) -> bool:
+        """Whether slots can be saved and restored (``--slot-save-path``), asked with an unknown
+        action: 400 with it, 501 without."""
+        try:
+            await self._json("POST", "/slots/0?action=probe", {})
+        except EngineError as e:
+            if e.kind in ("bad_request", "unsupported", "not_found"):
+                return e.kind == "bad_request"
+            raise
+        return False
 
     async def _exact_runs(self, prompt: list[int], slot: int) -> ExactRuns:
         probe = {"n_predict": 1, "n_probs": EXACT_TOP, "id_slot": slot, **GREEDY}

@@ -8,8 +8,19 @@ prompt always goes as token ids, so the server's prompt cache sees the same
 prefix as the document's token mirror: ``sync`` (the scheduler's eager
 re-feed, ``n_predict: 0``) leaves the slot holding the document's newest
 text, and the request that follows reuses it. A document beyond the slots
-is simply sent again when it comes back (the cache re-reads what differs).
-An API without slots ignores the slot: its prefix cache does the reuse.
+is sent again when it comes back (the cache re-reads what differs), unless
+the server can save slots (``--slot-save-path``): then the evicted document's
+slot is saved to the server's disk (``action=save``, a file named by a hash
+of the URI) and restored (``action=restore``) when the document comes back,
+so only what changed meanwhile is read. An API without slots ignores the
+slot: its prefix cache does the reuse.
+
+Ghost text on a model with FIM tokens goes through ``/infill`` (text before
+and after the cursor; the server lays out the FIM prompt) on a slot of its
+own, keyed like the in-process FIM session (``uri#fim``): the server puts
+``<PRE>`` before the prefix, so the FIM prompt shares nothing past BOS with
+the document's plain prompt, and on the document's slot each suggestion and
+the popup request after it would re-read the whole document.
 
 The engine is not assumed exact: ``exact`` is what ``measure_exact`` found at
 connect (the same prompt cold, warm and after a rewind), and nothing here
@@ -18,13 +29,14 @@ reuses work across cache states (no greedy memo, no remembered logits).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from .greedy import GreedyMemo, Tips
-from .http_engine import HttpEngine, ServerInfo, Timings, TopToken
+from .http_engine import EngineError, HttpEngine, ServerInfo, Timings, TopToken
 from .pool import DocState, DocStats, window
 from .session import ShouldStop
 
@@ -36,7 +48,7 @@ class RemoteModel:
     tokens and their pieces come from the server (``/tokenize`` with pieces,
     cached)."""
 
-    fim = None  # infill (/infill) is not used yet
+    fim = None  # the token-level FIM prompt is not built: FIM goes through /infill (RemotePool.infill)
     batch_rule = None
 
     def __init__(self, server: HttpEngine, info: ServerInfo) -> None:
@@ -82,7 +94,10 @@ class RemotePool:
         self.max_sessions = max(1, info.n_slots)
         self.saved_bytes = 0
         self.sessions: OrderedDict[str, int] = OrderedDict()  # document -> its slot, LRU
-        self.saved: OrderedDict[str, Any] = OrderedDict()  # (none: a document comes back by re-sending)
+        self.saved: OrderedDict[str, int] = OrderedDict()  # document -> tokens saved on the server's disk
+        self.slot_files = info.slot_files
+        self.can_infill = info.infill is True
+        self.infill_total = 0  # ghost-text requests answered through /infill
         self.stats: dict[str, DocStats] = {}
         self.memo = GreedyMemo()  # (unused: never exact by assumption)
         self.tips = Tips()
@@ -90,14 +105,17 @@ class RemotePool:
 
     # -- what the scheduler asks ------------------------------------------------------
     def state(self, uri: str) -> DocState:
-        return DocState.LIVE if uri in self.sessions else DocState.UNREAD
+        if uri in self.sessions:
+            return DocState.LIVE
+        return DocState.SAVED if uri in self.saved else DocState.UNREAD
 
     def can_read(self, focus: str | None) -> bool:
         return len(self.sessions) < self.max_sessions
 
     def slot(self, uri: str, focus: str | None = None) -> int:
         """The document's slot: its own, a free one, or the least recently
-        used one of another document (not the focus's)."""
+        used one of another document (not the focus's), saved first where
+        the server can; a saved document's slot is restored."""
         if uri in self.sessions:
             self.sessions.move_to_end(uri)
             return self.sessions[uri]
@@ -108,10 +126,35 @@ class RemotePool:
         else:
             old = next((u for u in self.sessions if u != focus), next(iter(self.sessions)))
             slot = self.sessions.pop(old)
-            if old in self.stats:
-                self.stats[old].cached = 0
+            self._save(old, slot)
         self.sessions[uri] = slot
+        self._restore(uri, slot)
         return slot
+
+    def _save(self, uri: str, slot: int) -> None:
+        """An evicted document's slot written to the server's disk (where it can)."""
+        st = self.stats.get(uri)
+        if st is None:
+            return
+        cached, st.cached = st.cached, 0
+        if not self.slot_files or not cached:
+            return
+        try:
+            self.saved[uri] = self.server.save_slot(slot, slot_file(uri))
+        except EngineError as e:
+            log.warning("%s: slot %d not saved: %s", uri, slot, e)
+
+    def _restore(self, uri: str, slot: int) -> None:
+        """A saved document's slot read back: the next request reads only what changed."""
+        if self.saved.pop(uri, None) is None:
+            return
+        try:
+            restored = self.server.restore_slot(slot, slot_file(uri))
+        except EngineError as e:
+            log.warning("%s: slot %d not restored: %s", uri, slot, e)
+            return
+        if restored:
+            self.stats.setdefault(uri, DocStats()).restored += 1
 
     def sync(self, uri: str, target: list[int], should_stop: ShouldStop | None, healed: bytes,
              deadline: float | None = None, rows: int | None = None, focus: str | None = None) -> int:
@@ -127,6 +170,7 @@ class RemotePool:
 
     def drop(self, uri: str) -> None:
         self.sessions.pop(uri, None)
+        self.saved.pop(uri, None)
 
     def resize(self, max_sessions: int) -> None:
         """The server's slots decide."""
@@ -139,6 +183,7 @@ class RemotePool:
 
     def close_all(self) -> None:
         self.sessions.clear()
+        self.saved.clear()
 
     # -- what the features ask ------------------------------------------------------------
     def top_next(self, uri: str, prompt: list[int], n: int, should_stop: ShouldStop,
@@ -158,6 +203,19 @@ class RemotePool:
         st.generated_total += timings.predicted_n
         return tokens
 
+    def infill(self, key: str, prefix: str, suffix: str, n_predict: int, should_stop: ShouldStop,
+               stop: list[str] | None = None, focus: str | None = None, t_max_ms: int = 0) -> list[int]:
+        """The greedy middle between prefix and suffix (``/infill``) on the slot of ``key``
+        (the document's FIM key: see the module's notes)."""
+        slot = self.slot(key, focus)
+        tokens, timings = self.server.infill(slot, prefix, suffix, n_predict, should_stop, stop, t_max_ms)
+        self._note(key, timings.cache_n + timings.prompt_n, timings, request=True)
+        st = self.stats[key]
+        st.generated_last = timings.predicted_n
+        st.generated_total += timings.predicted_n
+        self.infill_total += 1
+        return tokens
+
     def _note(self, uri: str, tokens: int, timings: Timings, request: bool = False) -> None:
         """The tokens the server reused and evaluated for a document: what a
         keystroke costs the engine."""
@@ -172,7 +230,14 @@ class RemotePool:
     def describe(self) -> dict[str, Any]:
         """For ``lsp-llm.stats``: which engine serves, its model, the slots in use, exactness."""
         return {"engine": self.server.api, "url": self.server.url, "model": self.model.name,
-                "slots": self.max_sessions, "slots_in_use": len(self.sessions), "exact": self.exact}
+                "slots": self.max_sessions, "slots_in_use": len(self.sessions), "exact": self.exact,
+                "infill": self.can_infill, "infill_requests": self.infill_total,
+                "slot_files": self.slot_files, "saved_documents": len(self.saved)}
+
+
+def slot_file(uri: str) -> str:
+    """The file a document's slot is saved to on the server (a name the server accepts)."""
+    return f"lsp-llm-{hashlib.sha256(uri.encode()).hexdigest()[:24]}.bin"
 
 
 def _never() -> bool:

@@ -20,7 +20,10 @@ FIM: for models whose vocabulary declares FIM tokens, a bounded suffix (the
 lines after the cursor) conditions the suggestion. The prompt is laid out
 suffix first, ``BOS <SUF> suffix <PRE> prefix <MID>``, in its own session
 (``uri#fim``), so typing at the cursor changes only the end of it: a
-keystroke re-feeds the last prefix tokens and ``<MID>``.
+keystroke re-feeds the last prefix tokens and ``<MID>``. On a remote engine
+whose model has FIM tokens, the text around the cursor goes to llama-server's
+``/infill`` instead (``RemotePool.infill``; no token healing: the server
+tokenizes the prefix text itself, so the suggestion starts at the cursor).
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ from ..engine.model import FimTokens, Model
 from ..engine.pool import window
 from ..engine.scheduler import Engine
 from ..engine.session import Cancelled, Session, ShouldStop
-from ..text.documents import Document
+from ..text.documents import Document, Vocab
 from .after_cursor import CLOSERS, OPENERS, QUOTES, covered
 
 FIM_SESSION = "#fim"  # the FIM session of a document is keyed uri + this
 MAX_SUFFIX_BYTES = 4096  # the FIM suffix is bounded by lines and by this
 MIN_CHARS = 2  # a suggestion shows at least this many non-blank bytes
+INFILL_PREFIX_TOKENS = 1536  # llama-server keeps 3/4 of its batch (2,048 by default) of an /infill prefix
+INFILL_GRACE_S = 1.0  # past the budget, an /infill answer still waits this long for its line to end
 MAX_LINE_SUFFIX = 8  # without FIM, no suggestion before more text than this on the line
 _WORDY = re.compile(rb"[A-Za-z0-9_\x80-\xff]")
 
@@ -269,6 +274,7 @@ class Request:
     max_tokens: int
     budget_s: float  # answer with what is ready (at least a line) after this long
     fim: bool = False
+    infill: tuple[str, str] | None = None  # remote FIM: the text before and after the cursor, for /infill
 
 
 @dataclass
@@ -324,12 +330,30 @@ def request_at(doc: Document, offset: int, s: Settings, engine: Engine) -> Reque
     rules = Rules(s.inline_lines, tuple(x.encode() for x in s.inline_stop))
     fim = doc.vocab.fim if s.fim and doc.vocab is not None else None  # the ids' own model's (not a swap's)
     key = doc.uri
+    if s.fim and getattr(engine.pool, "can_infill", False) and doc.vocab is not None:
+        infill = (infill_prefix(doc.vocab, prompt, healed, engine.headroom),
+                  _text(fim_suffix(doc.data, offset, s.fim_lines)))
+        return Request(doc.uri, doc.uri + FIM_SESSION, prompt, doc_prompt, b"", Around.at(doc.data, offset), rules,
+                       s.inline_tokens, s.inline_budget_ms / 1000, True, infill)
     if fim is not None and doc.vocab is not None:
         suffix = doc.vocab.tokenize(fim_suffix(doc.data, offset, s.fim_lines))
         prompt = fim_prompt(prompt, suffix, fim, doc.vocab.bos, engine.n_ctx, engine.headroom)
         key = doc.uri + FIM_SESSION
     return Request(doc.uri, key, prompt, doc_prompt, healed, Around.at(doc.data, offset), rules, s.inline_tokens,
                    s.inline_budget_ms / 1000, fim is not None)
+
+
+def infill_prefix(vocab: Vocab, prompt: list[int], healed: bytes, headroom: int) -> str:
+    """The text before the cursor for ``/infill``: the prompt's tail (a window that moves in
+    steps, as the server caches it), then the healed text."""
+    has_bos = vocab.bos is not None  # (every target starts with it)
+    fitted, _ = window(prompt, INFILL_PREFIX_TOKENS, headroom, has_bos)
+    body = fitted[1:] if has_bos and fitted else fitted
+    return _text(b"".join(vocab.piece(t) for t in body) + healed)
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "ignore")  # (a window's start may cut a character)
 
 
 def first_token(model: Model, logits: np.ndarray, healed: bytes) -> int | None:
@@ -448,6 +472,8 @@ def suggest_remote(engine: Engine, req: Request, cancelled: ShouldStop) -> Sugge
     t0 = time.perf_counter()
     stats = InlineStats()
     pool, model = engine.pool, engine.model
+    if req.infill is not None:
+        return _infilled(engine, req, cancelled, t0)
     top = pool.top_next(req.uri, req.prompt, 40, cancelled, engine.focus)
     first = next((t.id for t in top if t.piece.startswith(req.healed) and not model.is_eog(t.id)), None)
     if first is None:
@@ -464,6 +490,30 @@ def suggest_remote(engine: Engine, req: Request, cancelled: ShouldStop) -> Sugge
         return Suggestion("", 0, False, stats)  # over the budget: asking again will find the slot warm
     stats.tokens, stats.ms = len(path), (time.perf_counter() - t0) * 1000
     return _shown(model, path, req, len(req.healed), stats)
+
+
+def _infilled(engine: Engine, req: Request, cancelled: ShouldStop, t0: float) -> Suggestion:
+    """``suggest_remote`` through ``/infill``: one greedy middle, on the document's FIM slot."""
+    assert req.infill is not None
+    stats = InlineStats()
+    prefix, suffix = req.infill
+    budget_ms = max(1, int(req.budget_s * 1000 - (time.perf_counter() - t0) * 1000))
+
+    def should_stop() -> bool:  # (no line break coming: given up as /completion's path is)
+        return cancelled() or time.perf_counter() - t0 > req.budget_s + INFILL_GRACE_S
+
+    try:  # the server ends it past the budget, at a line break
+        path = engine.pool.infill(req.key, prefix, suffix, req.max_tokens, should_stop, None, engine.focus,
+                                  budget_ms)
+    except Cancelled:
+        if cancelled():
+            raise
+        return Suggestion("", 0, False, stats)
+    if not path:
+        return Suggestion("", 0, True, stats)
+    stats.tokens, stats.ms = len(path), (time.perf_counter() - t0) * 1000
+    stats.fed = engine.stats[req.key].fed_last
+    return _shown(engine.model, path, req, 0, stats)
 
 
 def _shown(model: Model, path: list[int], req: Request, skip: int, stats: InlineStats) -> Suggestion:
