@@ -64,6 +64,7 @@ class LlamaServer(HttpEngine):
 
     api = "llama-server"
     name = "llama-server"
+    shared = False  # several lsp-llm servers on this engine: it chooses the slots (see _slot)
 
     def feed(self, slot: int, prompt: list[int], should_stop: ShouldStop = _never) -> Timings:
         """Bring ``slot``'s cache to ``prompt`` (re-feed in idle time)."""
@@ -143,6 +144,13 @@ class LlamaServer(HttpEngine):
     # -- plumbing -------------------------------------------------------------------------------
 
     def _slot(self, slot: int) -> int:
+        """The ``id_slot`` a request goes with: the document's own slot, or
+        -1 when several clients share the server (``engineSlots: shared``):
+        the server then picks the idle slot whose cached prompt shares the
+        most with the request, which keeps each document on its slot
+        without two clients pinning the same one."""
+        if self.shared:
+            return -1
         if slot < 0 or (self.info is not None and slot >= self.info.n_slots):
             n = self.info.n_slots if self.info else "?"
             raise ValueError(f"slot {slot} out of range: llama-server at {self.url} has {n} slots")

@@ -95,7 +95,7 @@ class RemotePool:
         self.saved_bytes = 0
         self.sessions: OrderedDict[str, int] = OrderedDict()  # document -> its slot, LRU
         self.saved: OrderedDict[str, int] = OrderedDict()  # document -> tokens saved on the server's disk
-        self.slot_files = info.slot_files
+        self.slot_files = info.slot_files and not getattr(server, "shared", False)  # (shared: no slot of its own)
         self.can_infill = info.infill is True
         self.infill_total = 0  # ghost-text requests answered through /infill
         self.stats: dict[str, DocStats] = {}
