@@ -56,6 +56,8 @@ class Figures:
     rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (minute, MB)
     # what the server holds at each RSS sample: (minute, memo steps, saved documents, saved MB)
     held: list[tuple[float, int, int, float]] = field(default_factory=list)
+    doc_chars: list[tuple[float, int]] = field(default_factory=list)  # (minute, characters in the documents)
+    late: list[tuple[float, str]] = field(default_factory=list)  # (minute, method) of each unanswered request
 
     def summary(self) -> str:
         start, end = self.rss_mb[0][1], self.rss_mb[-1][1]
@@ -69,7 +71,14 @@ class Figures:
                 f"mismatches {self.mirror_mismatches}; "
                 f"bad ranges {self.bad_ranges}; crashes {self.crashes}\n"
                 f"RSS MB: start {start:.0f}, end {end:.0f}, peak {peak:.0f}, growth {end - start:+.0f}\n"
-                f"RSS over time (MB): {series}")
+                f"RSS over time (MB): {series}\n"
+                f"document characters: {self._chars()}; unanswered: {self.late or 'none'}")
+
+    def _chars(self) -> str:
+        if not self.doc_chars:
+            return "not sampled"
+        sizes = [n for _, n in self.doc_chars]
+        return f"start {sizes[0]:,}, end {sizes[-1]:,}, max {max(sizes):,}"
 
 
 def rss_mb(pid: int) -> float:
@@ -111,6 +120,7 @@ class Soak:
         self.server: StdioServer | None = None
         self.docs: list[EditorText] = []
         self.cursors: dict[str, int] = {}
+        self.opened_chars: dict[str, int] = {}
         self.t0 = time.monotonic()
 
     def minutes(self) -> float:
@@ -128,6 +138,7 @@ class Soak:
         self.docs = [EditorText(SOURCE.as_uri(), SOURCE.read_text(), enc),
                      EditorText("file:///soak/u.py", UNICODE, enc)]
         for doc in self.docs:
+            self.opened_chars[doc.uri] = len(doc.text)
             self.open(doc)
 
     def open(self, doc: EditorText) -> None:
@@ -144,6 +155,7 @@ class Soak:
             result = await send(method, params, ANSWER_S)
         except asyncio.TimeoutError:
             self.fig.unanswered += 1
+            self.fig.late.append((round(self.minutes(), 2), method))
             raise
         except JsonRpcException:
             self.fig.answered += 1
@@ -175,7 +187,8 @@ class Soak:
             changes.append(doc.change(j, j, self.rng.choice(TYPED)))
             at = self.cursor(doc)
             b, i = doc.boundaries(), doc.boundaries().index(at)
-        if self.rng.random() < 0.8:
+        grows = self.args.growth < 0 or len(doc.text) < self.opened_chars[doc.uri] + self.args.growth
+        if grows and self.rng.random() < 0.8:
             text = self.rng.choice(TYPED)
             changes.append(doc.change(at, at, text))
             self.cursors[doc.uri] = at + len(text)
@@ -215,6 +228,7 @@ class Soak:
             await asyncio.wait_for(request.future, ANSWER_S)
         except asyncio.TimeoutError:
             self.fig.unanswered += 1
+            self.fig.late.append((round(self.minutes(), 2), "cancelled " + t.TEXT_DOCUMENT_COMPLETION))
             return
         except JsonRpcException as e:
             self.fig.cancelled += e.code == -32800
@@ -284,6 +298,7 @@ class Soak:
         assert self.server is not None
         minute = round(self.minutes(), 2)
         self.fig.rss_mb.append((minute, round(rss_mb(self.server.pid), 1)))
+        self.fig.doc_chars.append((minute, sum(len(doc.text) for doc in self.docs)))
         try:
             st = await self.server.stats(timeout=ANSWER_S)
         except (asyncio.TimeoutError, JsonRpcException):
@@ -355,7 +370,10 @@ def plot(fig: Figures, png: Path) -> None:
         ax.plot([h[0] for h in fig.held], [h[3] for h in fig.held], label="saved sequences (MB)", color="C2")
         memo = ax.twinx()
         memo.plot([h[0] for h in fig.held], [h[1] for h in fig.held], label="greedy memo (steps)", color="C1")
-        memo.set_ylabel("memo steps")
+        if fig.doc_chars:
+            memo.plot([m for m, _ in fig.doc_chars], [n for _, n in fig.doc_chars],
+                      label="documents (characters)", color="C3", linestyle="--")
+        memo.set_ylabel("memo steps, document characters")
         memo.legend(loc="lower right")
     ax.legend(loc="upper left")
     minutes = max(fig.minutes, fig.rss_mb[-1][0] if fig.rss_mb else 0.0)
@@ -374,6 +392,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", help="GGUF model (default: the embedded Gemma 3 270M)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--growth", type=int, default=4000,
+                   help="characters a document may grow past its opened length; typing past it deletes "
+                   "(a steady length, as a user's file over a day); -1: no bound, the document grows all run")
     p.add_argument("--sample-s", type=float, default=15.0, help="seconds between RSS samples")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON (as the run goes)")
     p.add_argument("--plot", metavar="PNG", help="also plot RSS and what the server holds over time")
