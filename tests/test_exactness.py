@@ -93,11 +93,11 @@ class Recorder:
 
     def __call__(self, session: Session, rows: list[branches.Row], n: int,
                  read: Callable[[branches.Row, np.ndarray], Any], step: int, *args: Any) -> dict:
-        for i, j, token, _ in rows:  # a branch's rows in one call follow what it holds
-            self._tokens.setdefault(i, {})[j] = token
+        for row in rows:  # a branch's rows in one call follow what it holds
+            self._tokens.setdefault(row.branch, {})[row.index] = row.token
 
         def keep(row: branches.Row, logits: np.ndarray) -> Any:
-            i, j = row[:2]
+            i, j = row.branch, row.index
             self.steps[(i, tuple(self._tokens[i][m] for m in range(j + 1)))] = logits.copy()
             return read(row, logits)
 

@@ -38,7 +38,6 @@ from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 
 from lsp_llm.config import Settings
-from lsp_llm.features.after_cursor import covered
 from lsp_llm.tools.client import StdioServer, server_command
 from lsp_llm.tools.editor_text import EditorText
 
@@ -350,16 +349,8 @@ class Script:
             assert result.items == [] or not result.items
         cursor = doc.index(pos)
         assert cursor is not None, (pos, doc.text)
-        line_end = doc.lines()[pos.line][1]
         for item in result.items:
-            rng = item.text_edit.range
-            start, end = doc.index(rng.start), doc.index(rng.end)
-            assert start is not None and end is not None and start <= cursor <= end <= line_end, (rng, pos, doc.text)
-            typed, new_text = doc.text[start:cursor], item.text_edit.new_text
-            assert new_text.startswith(typed), (item, typed)
-            rest = doc.text[cursor:line_end].encode("utf-8", "surrogatepass")
-            takes = covered(new_text[len(typed):].encode("utf-8", "surrogatepass"), rest)
-            assert doc.text[cursor:end].encode("utf-8", "surrogatepass") == rest[:takes], (item, rest, takes)
+            assert doc.edit_fits(cursor, item), (item, pos, doc.text)
 
     async def bad(self, kind: str, index: int) -> None:
         srv, uri = self.server, self.doc.uri

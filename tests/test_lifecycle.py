@@ -262,6 +262,32 @@ async def test_shutdown_under_load_answers_within_a_second(tiny_model_path: Path
         await server.stop()
 
 
+async def test_a_reload_reads_the_focus_document_ahead(tiny_model_path: Path) -> None:
+    """The document the user works in is read on the new model before the
+    swap: after it, nothing of it is fed again, and its items are the same."""
+    server = StdioServer(server_command(str(tiny_model_path)))
+    try:
+        await server.start(CAPS, {"waitFor": "all"})
+        uri, text = "file:///tmp/ahead.py", TEXT.decode() + "def walk(crab):\n    ret"
+        line, col = text.count("\n"), len(text) - text.rfind("\n") - 1
+        opened(server, uri, text)
+        before = await items_eventually(server, uri, line, col)
+        fed = (await server.stats(uri))["fed_total"]
+        server.client.workspace_did_change_configuration(t.DidChangeConfigurationParams(
+            settings={"lsp-llm": {"nCtx": 2048}}))  # a reload
+        for _ in range(400):
+            if (await server.stats())["n_ctx"] == 2048:
+                break
+            await asyncio.sleep(0.05)
+        assert [i.label for i in await items_eventually(server, uri, line, col)] == [i.label for i in before]
+        after = await server.stats(uri)
+        assert after["tokens"] > 500
+        # idle work after a request may feed a few tokens (a predicted keystroke): not the document
+        assert after["fed_total"] - fed < 64, f"read again after the swap: {after['fed_total'] - fed} tokens fed"
+    finally:
+        await server.stop()
+
+
 async def test_a_reload_loads_beside_the_serving_model(default_model_file: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LSP_LLM_CACHE", str(tmp_path))  # nothing calibrated: each load takes seconds

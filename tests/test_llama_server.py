@@ -122,6 +122,17 @@ def test_greedy_stops_after_a_stop_string(client: LlamaServer) -> None:
     assert text.endswith(b" 23,") and timings.predicted_n == len(tokens) < 30
 
 
+def test_greedy_past_its_time_ends_at_a_line_break(client: LlamaServer) -> None:
+    """Ghost text's budget on a server (``t_max_predict_ms``): what is ready
+    comes back, ended at a line break, not cut mid-line nor dropped."""
+    prompt = ids(client, CODE)
+    [(unbounded, _)] = client.greedy([0], [prompt], 48)
+    [(bounded, _)] = client.greedy([0], [prompt], 48, t_max_ms=1)
+    text = b"".join(client.piece(t) for t in bounded)
+    assert text.endswith(b"\n") and text.count(b"\n") <= 2, text  # (the server checks the time after a token)
+    assert bounded == unbounded[: len(bounded)] and len(bounded) < len(unbounded)
+
+
 class SlotWatch:
     """A slot's progress seen from another connection: tokens decoded while busy, then when it went idle."""
 
@@ -231,3 +242,24 @@ def test_measure_exact(client: LlamaServer, capsys: pytest.CaptureFixture[str]) 
     with capsys.disabled():
         logprobs = [r[0].logprob for r in (runs.cold, runs.warm, runs.rewound)]
         print(f"\nmeasure_exact: {exact} (top logprob cold, warm, rewound: {logprobs})")
+
+
+def test_a_short_feed_finishes_when_preempted_and_a_long_one_stops(client: LlamaServer) -> None:
+    """A keystroke's feed is cheaper to finish than to stop on a server (the
+    slot stays busy until the server sees the closed connection); a long
+    read still stops when its work is preempted."""
+    from lsp_llm.engine.remote import SHORT_FEED, RemotePool
+
+    assert client.info is not None
+    pool = RemotePool(client, client.info, headroom=8, exact=False)
+    prompt = ids(client, CODE)
+    preempted = after(0)  # always: a request waits
+    with pytest.raises(Cancelled):
+        pool.sync("file:///a.py", prompt, preempted, b"")  # the first read: long
+    pool.sync("file:///a.py", prompt, None, b"")
+    typed = prompt + ids(client, b" found")[1:]
+    assert len(typed) - len(prompt) <= SHORT_FEED
+    pool.sync("file:///a.py", typed, preempted, b"")  # a keystroke: finished
+    assert pool.stats["file:///a.py"].cached == len(typed)
+    _, timings = client.top_next(pool.sessions["file:///a.py"], typed, 3)
+    assert timings.prompt_n <= 1  # the slot holds the typed text

@@ -14,7 +14,7 @@ from test_trust import Pipe, completion_at, did_open
 
 from lsp_llm.engine.model import Model
 from lsp_llm.engine.pool import PROGRESS_MIN_TOKENS
-from lsp_llm.engine.scheduler import Engine, Rank
+from lsp_llm.engine.scheduler import CALL_ROWS, Engine, Rank
 from lsp_llm.engine.session import ShouldStop
 from lsp_llm.tools.client import server_command
 
@@ -24,7 +24,9 @@ def test_the_focus_is_read_first_and_other_reads_yield_to_it_within_a_call(tiny:
     try:
         e.submit(lambda: e.set_model(tiny)).result()
         calls: list[str] = []  # the document of each feed call of a long read, in order
-        e.on_progress = lambda uri, done, total: calls.append(uri) if done > 0 else None
+        fed: dict[str, list[int]] = {}  # tokens fed so far, after each call, by document
+        e.on_progress = lambda uri, done, total: (calls.append(uri), fed.setdefault(uri, []).append(done)) \
+            if done > 0 else None
         text = tiny.tokenize(TEXT, True)  # over 512 tokens: a read of several calls, with progress
         assert len(text) > PROGRESS_MIN_TOKENS
         for i in range(7):  # an editor restores its tabs
@@ -39,6 +41,27 @@ def test_the_focus_is_read_first_and_other_reads_yield_to_it_within_a_call(tiny:
         assert set(between) <= {calls[0]}, f"another read went before the focus: {calls[:first + 1]}"
         assert len(between) <= 2, f"the running read went on for {len(between)} calls: {calls}"
         assert {f"tab{i}" for i in range(7)} <= set(calls[first:]) | set(calls[:first])  # all read, later
+        tabs = [b - a for uri, done in fed.items() if uri != "typed" for a, b in zip([0, *done], done)]
+        assert max(tabs) <= CALL_ROWS[Rank.READ], f"a read call of {max(tabs)} rows: the focus would wait for it"
+    finally:
+        e.stop()
+
+
+def test_a_request_sent_with_the_opens_waits_for_no_other_read(tiny: Model) -> None:
+    e = Engine(max_sessions=8, n_ctx=1024, n_branches=2, headroom=8)
+    try:
+        e.submit(lambda: e.set_model(tiny)).result()
+        e.read_settle_s = 1.0  # (50 ms by default) wider than the gap below on a loaded machine
+        calls: list[str] = []
+        e.on_progress = lambda uri, done, total: calls.append(uri) if done > 0 else None
+        text = tiny.tokenize(TEXT, True)
+        for i in range(7):  # the opens of a tab restore, and a request, in one burst
+            e.update(f"tab{i}", text[: len(text) - i], len(text), focus=False)
+        time.sleep(0.1)  # the server parses the request
+        e.update("typed", text[: len(text) - 9], len(text))
+        wait_idle(e)
+        assert calls[0] == "typed", f"a read started before the request's document: {calls[:3]}"
+        assert {f"tab{i}" for i in range(7)} <= set(calls)  # the others read after it
     finally:
         e.stop()
 

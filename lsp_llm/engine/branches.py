@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import llama_cpp as llama
 import numpy as np
@@ -39,7 +39,16 @@ from .greedy import TOP_TOKENS, GreedyMemo
 from .model import BatchRule, best_tokens, logits_view
 from .session import DOC_SEQ, Cancelled, Session, ShouldStop
 
-Row = tuple[int, int, int, bool]  # (branch, index in the branch, token, wants logits)
+
+class Row(NamedTuple):
+    """One row of a branch decode call."""
+
+    branch: int  # its sequence is branch + 1 (DOC_SEQ is the document's)
+    index: int  # of the token in the branch
+    token: int
+    wants_logits: bool
+
+
 # (branch i, every item's text so far, branch i's tokens): may branch i stop
 # here if no other item needs a call?
 Rides = Callable[[int, Sequence[bytes], int], bool]
@@ -60,7 +69,7 @@ class Spare:
 
 def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
     """The greedy token, and on branch 0 (the likeliest path) the top tokens."""
-    if row[0] != 0:
+    if row.branch != 0:
         return int(np.argmax(logits)), ()
     top = best_tokens(logits, TOP_TOKENS)
     return top[0], top
@@ -80,16 +89,16 @@ def decode_rows(
         if c and should_stop is not None and should_stop():
             raise Cancelled()
         chunk = rows[c : c + step]
-        for r, (i, j, token, want) in enumerate(chunk):
-            if j == 0:
-                llama.llama_memory_seq_cp(session.mem, DOC_SEQ, i + 1, -1, -1)
-            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = token, n + j, 1, want
-            b.seq_id[r][0] = i + 1
-        last_i, last_j, last_token, _ = chunk[-1]
-        session.decode_padded(len(chunk), last_i + 1, n + last_j + 1, last_token)
         for r, row in enumerate(chunk):
-            if row[3]:
-                out[row[:2]] = read(row, logits_view(session.ctx, r, session.model.n_vocab))
+            if row.index == 0:
+                llama.llama_memory_seq_cp(session.mem, DOC_SEQ, row.branch + 1, -1, -1)
+            b.token[r], b.pos[r], b.n_seq_id[r], b.logits[r] = row.token, n + row.index, 1, row.wants_logits
+            b.seq_id[r][0] = row.branch + 1
+        last = chunk[-1]
+        session.decode_padded(len(chunk), last.branch + 1, n + last.index + 1, last.token)
+        for r, row in enumerate(chunk):
+            if row.wants_logits:
+                out[(row.branch, row.index)] = read(row, logits_view(session.ctx, r, session.model.n_vocab))
     return out
 
 
@@ -177,7 +186,7 @@ def _all_ride(rides: Rides, items: list[Branch], need: list[int]) -> bool:
 def _pending(i: int, br: Branch) -> list[Row]:
     """Rows for the tokens of branch i that its sequence does not hold yet."""
     last = len(br.tokens) - 1
-    return [(i, j, br.tokens[j], j == last) for j in range(br.in_kv, last + 1)]
+    return [Row(i, j, br.tokens[j], j == last) for j in range(br.in_kv, last + 1)]
 
 
 def extend(
@@ -288,7 +297,7 @@ def extend(
                 while most > 0 and not fits(len(rows) + most):
                     most -= 1
                 guess[i] = index.draft([*session.tokens[-1:], *br.tokens], most)
-                rows += [(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess[i])]
+                rows += [Row(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess[i])]
                 free -= len(guess[i])
             working = list(need)
             if spare is not None and not spare.alone and len(need) < 2:

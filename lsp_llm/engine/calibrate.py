@@ -12,6 +12,7 @@ library version, CPU, thread count and ``VERSION`` of this check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .branches import decode_rows, drop_branch
+from .branches import Row, decode_rows, drop_branch
 from .model import CANDIDATE_RULES, BatchRule, Model
 from .session import Session
 
@@ -41,15 +42,15 @@ PATTERN = [1, 2, 3, 5, 9, 1, 4, 7, 6, 8]
 
 def rule_holds(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
     model.batch_rule = rule
-    fresh = Session(model, n_ctx=256, n_branches=1)
-    pieces = Session(model, n_ctx=256, n_branches=1)
+    with contextlib.ExitStack() as sessions:
+        fresh = _session(sessions, model, 1)
+        pieces = _session(sessions, model, 1)
 
-    def same_as_fresh(prefix: list[int]) -> bool:
-        fresh.reset()
-        fresh.sync(prefix)  # BOS, then the rest in one batch
-        return bool(np.array_equal(pieces.logits, fresh.logits))
+        def same_as_fresh(prefix: list[int]) -> bool:
+            fresh.reset()
+            fresh.sync(prefix)  # BOS, then the rest in one batch
+            return bool(np.array_equal(pieces.logits, fresh.logits))
 
-    try:
         pos = 1
         for size in PATTERN:
             pos = min(pos + size, len(tokens))
@@ -59,22 +60,26 @@ def rule_holds(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
         pieces.sync(tokens[: len(tokens) // 2])  # rewind, then re-feed the rest
         pieces.sync(tokens)
         return same_as_fresh(tokens)
-    finally:
-        fresh.close()
-        pieces.close()
+
+
+def _session(sessions: contextlib.ExitStack, model: Model, n_branches: int) -> Session:
+    """A small session, closed when ``sessions`` closes (even if a later one fails to open)."""
+    s = Session(model, n_ctx=256, n_branches=n_branches)
+    sessions.callback(s.close)
+    return s
 
 
 def branches_hold(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
     """Completion branches batched together under ``rule`` (several sequences
     and rows in one call) give the logits of a fresh evaluation."""
     model.batch_rule = rule
-    s = Session(model, n_ctx=256, n_branches=6)
-    fresh = Session(model, n_ctx=256, n_branches=1)
-    try:
+    with contextlib.ExitStack() as sessions:
+        s = _session(sessions, model, 6)
+        fresh = _session(sessions, model, 1)
         s.sync(tokens)
         firsts = [int(t) for t in np.argsort(-s.logits)[:6]]
         for paths in ([[f] for f in firsts], [[firsts[0], *tokens[1:4]], [firsts[1]]], [[firsts[2], *tokens[1:10]]]):
-            rows = [(i, j, t, j == len(path) - 1) for i, path in enumerate(paths) for j, t in enumerate(path)]
+            rows = [Row(i, j, t, j == len(path) - 1) for i, path in enumerate(paths) for j, t in enumerate(path)]
             got = decode_rows(s, rows, len(tokens), lambda row, logits: logits.copy(), s.branch_step)
             for i in range(len(paths)):
                 drop_branch(s, i)
@@ -84,9 +89,6 @@ def branches_hold(model: Model, rule: BatchRule, tokens: list[int]) -> bool:
                 if not np.array_equal(got[(i, len(path) - 1)], fresh.logits):
                     return False
         return True
-    finally:
-        s.close()
-        fresh.close()
 
 
 def calibrate(model: Model, cache: Path | None) -> BatchRule:

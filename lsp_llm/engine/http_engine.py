@@ -247,8 +247,11 @@ class HttpEngine:
         n_predict: int,
         should_stop: ShouldStop = _never,
         stop: list[str] | None = None,
+        t_max_ms: int = 0,
     ) -> list[tuple[list[int], Timings]]:
-        """The greedy continuation of each prompt (up to ``n_predict`` tokens)."""
+        """The greedy continuation of each prompt (up to ``n_predict`` tokens;
+        past ``t_max_ms`` of generation, where the API can, it ends at the next
+        line break)."""
         raise NotImplementedError
 
     def infill(self, slot: int, prefix: str, suffix: str, n_predict: int, should_stop: ShouldStop = _never,

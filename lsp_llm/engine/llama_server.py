@@ -86,17 +86,19 @@ class LlamaServer(HttpEngine):
         n_predict: int,
         should_stop: ShouldStop = _never,
         stop: list[str] | None = None,
+        t_max_ms: int = 0,
     ) -> list[tuple[list[int], Timings]]:
         """The greedy continuation of each prompt (up to ``n_predict`` tokens, ending at EOS or
-        after a ``stop`` string, whose tokens are included). Without ``slots``, all prompts go in
-        one request; with them, prompt i runs on ``slots[i]`` (one request each, concurrently)."""
+        after a ``stop`` string, whose tokens are included; past ``t_max_ms`` of generation, at
+        the next line break: ``t_max_predict_ms``). Without ``slots``, all prompts go in one
+        request; with them, prompt i runs on ``slots[i]`` (one request each, concurrently)."""
         if slots is not None and len(slots) != len(prompts):
             raise ValueError("one slot per prompt")
         if not prompts:
             return []
         for slot in slots or []:
             self._slot(slot)
-        return self._call(self._greedy(slots, prompts, n_predict, stop), should_stop)
+        return self._call(self._greedy(slots, prompts, n_predict, stop, t_max_ms), should_stop)
 
     def infill(
         self,
@@ -189,9 +191,11 @@ class LlamaServer(HttpEngine):
         return [(tok, t) for tok, t in zip(tokens, timings) if t is not None]
 
     async def _greedy(
-        self, slots: list[int] | None, prompts: list[list[int]], n_predict: int, stop: list[str] | None
+        self, slots: list[int] | None, prompts: list[list[int]], n_predict: int, stop: list[str] | None,
+        t_max_ms: int = 0,
     ) -> list[tuple[list[int], Timings]]:
-        body = {"n_predict": n_predict, "return_tokens": True, "stop": stop or [], **GREEDY}
+        body = {"n_predict": n_predict, "return_tokens": True, "stop": stop or [], **GREEDY,
+                "t_max_predict_ms": t_max_ms}
         if slots is None:
             prompt: list[int] | list[list[int]] = prompts[0] if len(prompts) == 1 else prompts
             return await self._many({**body, "prompt": prompt}, len(prompts))

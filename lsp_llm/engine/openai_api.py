@@ -150,9 +150,11 @@ class OpenAIEngine(HttpEngine):
         n_predict: int,
         should_stop: ShouldStop = _never,
         stop: list[str] | None = None,
+        t_max_ms: int = 0,
     ) -> list[tuple[list[int], Timings]]:
         """The greedy continuation of each prompt (one request each, concurrently; ``slots`` are
-        ignored). With ``stop`` strings, the text ends before the stop (OpenAI's rule)."""
+        ignored). With ``stop`` strings, the text ends before the stop (OpenAI's rule). The API
+        has no time limit (``t_max_ms`` is ignored): ``should_stop`` ends a call past its budget."""
         if not prompts:
             return []
         if n_predict <= 0:

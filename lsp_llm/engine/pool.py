@@ -269,6 +269,29 @@ class SessionPool:
         self.saved.clear()
         self._saved_total = 0
 
+    def read_ahead(self, model: Any, n_ctx: int, target: list[int]) -> Session:
+        """A document read on a model not yet serving (any thread: the
+        session is its own until ``adopt``), so that the first request after
+        the switch does not read it again. Calls stop midway only when the
+        engine stops (they are not the engine thread's to preempt)."""
+        s = Session(model, n_ctx, self.n_branches, self.interrupt, self.armed)
+        try:
+            s.sync(window(target, n_ctx, self.headroom, bool(model.add_bos))[0])
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def adopt(self, uri: str, s: Session) -> None:
+        """Engine thread: a session read ahead (``read_ahead``) on the model
+        now serving joins the pool; closed if it cannot (another model, no
+        free context, the document live already)."""
+        if s.model is not self.model or uri in self.sessions or len(self.sessions) >= self.max_sessions:
+            s.close()
+            return
+        self.sessions[uri] = s
+        self.stats.setdefault(uri, DocStats()).cached = len(s.tokens)
+
     def set_model(self, model: Any, n_ctx: int | None = None) -> None:
         """Engine thread only: switch models, dropping every session and
         freeing the old model."""

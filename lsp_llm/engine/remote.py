@@ -38,9 +38,16 @@ from typing import Any
 from .greedy import GreedyMemo, Tips
 from .http_engine import EngineError, HttpEngine, ServerInfo, Timings, TopToken
 from .pool import DocState, DocStats, window
-from .session import ShouldStop
+from .session import ShouldStop, common_prefix
 
 log = logging.getLogger(__name__)
+
+# A feed of at most this many new tokens finishes even when its work is
+# preempted: stopping it on a server costs more than it saves (the slot stays
+# busy until the server sees the closed connection, so the request that
+# preempted it, whose prompt starts with the same text, queues behind it or
+# takes another document's slot).
+SHORT_FEED = 64
 
 
 class RemoteModel:
@@ -94,6 +101,7 @@ class RemotePool:
         self.max_sessions = max(1, info.n_slots)
         self.saved_bytes = 0
         self.sessions: OrderedDict[str, int] = OrderedDict()  # document -> its slot, LRU
+        self.fed: dict[str, list[int]] = {}  # document -> the prompt its slot was last brought to
         self.saved: OrderedDict[str, int] = OrderedDict()  # document -> tokens saved on the server's disk
         self.slot_files = info.slot_files and not getattr(server, "shared", False)  # (shared: no slot of its own)
         self.can_infill = info.infill is True
@@ -126,6 +134,7 @@ class RemotePool:
         else:
             old = next((u for u in self.sessions if u != focus), next(iter(self.sessions)))
             slot = self.sessions.pop(old)
+            self.fed.pop(old, None)
             self._save(old, slot)
         self.sessions[uri] = slot
         self._restore(uri, slot)
@@ -161,7 +170,10 @@ class RemotePool:
         """The slot's cache brought to the document's prompt (eager re-feed)."""
         fitted = self.fit(target)
         slot = self.slot(uri, focus)
-        timings = self.server.feed(slot, fitted, should_stop or _never)
+        new = len(fitted) - common_prefix(self.fed.get(uri, []), fitted)
+        stop = _never if should_stop is None or new <= SHORT_FEED else should_stop
+        timings = self.server.feed(slot, fitted, stop)
+        self.fed[uri] = fitted
         self._note(uri, len(fitted), timings)
         return slot
 
@@ -170,6 +182,7 @@ class RemotePool:
 
     def drop(self, uri: str) -> None:
         self.sessions.pop(uri, None)
+        self.fed.pop(uri, None)
         self.saved.pop(uri, None)
 
     def resize(self, max_sessions: int) -> None:
@@ -183,6 +196,7 @@ class RemotePool:
 
     def close_all(self) -> None:
         self.sessions.clear()
+        self.fed.clear()
         self.saved.clear()
 
     # -- what the features ask ------------------------------------------------------------
@@ -191,13 +205,16 @@ class RemotePool:
         """The n likeliest next tokens after prompt, on the document's slot."""
         fitted = self.fit(prompt)
         top, timings = self.server.top_next(self.slot(uri, focus), fitted, n, should_stop)
+        self.fed[uri] = fitted
         self._note(uri, len(fitted), timings, request=True)
         return top
 
     def greedy(self, uri: str, prompt: list[int], n_predict: int, should_stop: ShouldStop,
-               stop: list[str] | None = None) -> list[int]:
-        """The greedy continuation of prompt on the document's slot."""
-        [(tokens, timings)] = self.server.greedy([self.slot(uri)], [self.fit(prompt)], n_predict, should_stop, stop)
+               stop: list[str] | None = None, t_max_ms: int = 0) -> list[int]:
+        """The greedy continuation of prompt on the document's slot (ended at a
+        line break past ``t_max_ms`` where the API can)."""
+        [(tokens, timings)] = self.server.greedy([self.slot(uri)], [self.fit(prompt)], n_predict, should_stop, stop,
+                                                 t_max_ms)
         st = self.stats.setdefault(uri, DocStats())
         st.generated_last += timings.predicted_n
         st.generated_total += timings.predicted_n

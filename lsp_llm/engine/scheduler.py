@@ -45,6 +45,13 @@ T = TypeVar("T")
 IdleTask = Callable[[ShouldStop], None]  # engine thread; raises Cancelled when told to stop
 
 
+# Rows per decode call of lower-ranked work: whatever outranks it waits at
+# most one such call (a read's 32 rows take ~70 ms on 2 cores; an idle
+# plan's 8 branch rows, each with logits over the vocabulary, ~50 ms).
+# JOB and FOCUS work feeds in the context's full batch.
+READ_SETTLE_S = 0.05  # reads start this long after the last open or edit
+
+
 class Rank(IntEnum):
     """Kinds of engine work, highest first in ``Engine._next``; running work
     yields to waiting work of a higher rank (``Engine._yields``)."""
@@ -55,6 +62,9 @@ class Rank(IntEnum):
     SYNC = 3  # a live document other than the focus, edited
     FOCUS = 4  # the document the user edits or asks about
     JOB = 5  # requests and engine operations, first come first served
+
+
+CALL_ROWS = {Rank.READ: 32, Rank.SYNC: 32, Rank.IDLE: 8}
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,8 @@ class Engine:
         self._stopping = False
         self._waiting = Rank.NOTHING  # the highest rank of waiting work (lock-free reads)
         self._running_rank = Rank.NOTHING  # of the work running now (engine thread)
+        self._touched = 0.0  # time.monotonic() of the last update: reads settle after it
+        self.read_settle_s = READ_SETTLE_S
         self._thread = threading.Thread(target=self._run, name="lsp-llm-engine", daemon=True)
         self._thread.start()
 
@@ -190,6 +202,7 @@ class Engine:
             self.stats.setdefault(uri, DocStats()).tokens = doc_tokens
             if focus:
                 self.focus = uri
+            self._touched = time.monotonic()
             self._refresh()
 
     def forget(self, uri: str) -> None:
@@ -246,16 +259,20 @@ class Engine:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def swap_model(self, model: Any, n_ctx: int, targets: dict[str, DocTarget], pool: Any = None) -> Future:
+    def swap_model(self, model: Any, n_ctx: int, targets: dict[str, DocTarget], pool: Any = None,
+                   ahead: dict[str, Session] | None = None) -> Future:
         """Any thread: switch to model once the jobs already queued have run
         (their token ids are the old vocabulary's). The documents' targets in
         the new vocabulary replace the old ones in the same step, so no old id
         reaches the new model and no new one the old model. The old model is
         freed on the engine thread, by then unused. See ``lifecycle.swap``.
         With ``pool``, the engine moves to that backend too (a remote engine,
-        whose model ``model`` is, or a new in-process pool)."""
-        job = _Job(lambda: self._switch(model, n_ctx, pool), Future())
-        job.future.add_done_callback(lambda f: model.close() if f.cancelled() or f.exception() else None)
+        whose model ``model`` is, or a new in-process pool). ``ahead``:
+        sessions read on the new model already (``SessionPool.read_ahead``),
+        which the pool adopts after the switch."""
+        ahead = ahead or {}
+        job = _Job(lambda: self._switch(model, n_ctx, pool, ahead), Future())
+        job.future.add_done_callback(lambda f: _discard(model, ahead) if f.cancelled() or f.exception() else None)
         with self._cond:
             if self._stopping:
                 job.future.set_exception(RuntimeError("the engine is shutting down"))
@@ -308,7 +325,7 @@ class Engine:
         engine stops. An armed call asks the abort callback, which is Python,
         between graph nodes, and each ask waits for the GIL: under load that
         made an idle call of 8 rows take 20-44 s and a first read seem stuck
-        at 100% of a core. Idle calls are short (``IDLE_CALL_ROWS``) instead."""
+        at 100% of a core. Calls of work that yields are short instead (``CALL_ROWS``)."""
         return self._stopping
 
     def _next(self) -> _Job | _Sync | _Idle | None:
@@ -334,7 +351,22 @@ class Engine:
         if idle is not None:
             return idle
         uri = self._next_read()
-        return None if uri is None else _Sync(uri, self._targets[uri], Rank.READ)
+        if uri is None or self._settle_left() is not None:
+            return None
+        return _Sync(uri, self._targets[uri], Rank.READ)
+
+    def _settle_left(self) -> float | None:
+        """Seconds until a waiting read may start, or None. A read waits for
+        a burst of messages to settle (an editor restoring its tabs sends
+        the opens, then the request; a read started at the first open would
+        hold the request for a call)."""
+        left = self.read_settle_s - (time.monotonic() - self._touched)
+        return left if left > 0 and self._waiting == Rank.READ else None
+
+    def call_rows(self) -> int | None:
+        """Rows per decode call for the work running now (engine thread):
+        short calls for work that yields, None (the full batch) otherwise."""
+        return CALL_ROWS.get(self._running_rank)
 
     def _next_read(self) -> str | None:
         """A document not live, the most recently edited first, when a
@@ -384,7 +416,7 @@ class Engine:
         while True:
             with self._cond:
                 while not self._stopping and (work := self._next()) is None:
-                    self._cond.wait()
+                    self._cond.wait(self._settle_left())
                 if self._stopping:
                     break
             try:  # the engine thread must outlive any one piece of work
@@ -451,7 +483,7 @@ class Engine:
             return self._yields(work.rank) or self._targets.get(uri) is not target
 
         try:
-            self.sync(uri, target, superseded)
+            self.sync(uri, target, superseded, rows=self.call_rows())
         except Cancelled:
             with self._cond:  # try again later unless a newer target replaced it
                 if uri in self._targets and uri not in self._dirty:
@@ -518,11 +550,24 @@ class Engine:
                 self._dirty[uri] = None
             self._refresh()
 
-    def _switch(self, model: Any, n_ctx: int, pool: Any) -> None:
-        """Engine thread: the backend (if a new one comes) and the model."""
+    def _switch(self, model: Any, n_ctx: int, pool: Any, ahead: dict[str, Session]) -> None:
+        """Engine thread: the backend (if a new one comes), the model, and
+        the sessions read ahead for documents still open."""
         if pool is not None and pool is not self.pool:
             old, self.pool = self.pool, pool
             old.close_all()
             if old.model is not None:
                 old.model.close()
         self.set_model(model, n_ctx)
+        for uri, session in ahead.items():
+            if uri in self._targets and hasattr(self.pool, "adopt"):
+                self.pool.adopt(uri, session)
+            else:
+                session.close()
+
+
+def _discard(model: Any, ahead: dict[str, Session]) -> None:
+    """A switch that never happened: its model and sessions are freed."""
+    for session in ahead.values():
+        session.close()
+    model.close()

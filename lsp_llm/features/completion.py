@@ -26,7 +26,6 @@ from ..engine.session import Session, ShouldStop
 WORD_TOKENS = 8  # at most this many tokens to finish a word
 SPARE_FIRSTS = 8  # first tokens beyond the items that free rows extend
 QUICK_ITEMS = 1  # a quick ask waits for this many word items; the others ride along
-IDLE_CALL_ROWS = 8  # idle calls are short (~50 ms): a request waits for the one running
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
     skip = len(ask.healed)
     spare = Spare(choice.spare, lambda text: line_end(text[skip:]) is not None,
                   max(ask.line_tokens, WORD_TOKENS), alone=engine.memo.preparing)
-    call_rows = IDLE_CALL_ROWS if engine.memo.preparing else None
+    call_rows = engine.call_rows()  # short in idle work: a request waits for the call running
     branches, generated = extend(session, choice.firsts, done, limits, should_stop, engine.exact_memo,
                                  spare=spare, call_rows=call_rows, rides=_rides(ask))
     t2 = time.perf_counter()

@@ -49,7 +49,7 @@ FIM_SESSION = "#fim"  # the FIM session of a document is keyed uri + this
 MAX_SUFFIX_BYTES = 4096  # the FIM suffix is bounded by lines and by this
 MIN_CHARS = 2  # a suggestion shows at least this many non-blank bytes
 INFILL_PREFIX_TOKENS = 1536  # llama-server keeps 3/4 of its batch (2,048 by default) of an /infill prefix
-INFILL_GRACE_S = 1.0  # past the budget, an /infill answer still waits this long for its line to end
+LINE_GRACE_S = 1.0  # past the budget, an /infill answer still waits this long for its line to end
 MAX_LINE_SUFFIX = 8  # without FIM, no suggestion before more text than this on the line
 _WORDY = re.compile(rb"[A-Za-z0-9_\x80-\xff]")
 
@@ -479,11 +479,13 @@ def suggest_remote(engine: Engine, req: Request, cancelled: ShouldStop) -> Sugge
     if first is None:
         return Suggestion("", 0, True, stats)
 
-    def should_stop() -> bool:
-        return cancelled() or time.perf_counter() - t0 > req.budget_s
+    budget_ms = max(1, int((req.budget_s - (time.perf_counter() - t0)) * 1000))
 
-    try:
-        path = [first, *pool.greedy(req.uri, [*req.prompt, first], req.max_tokens - 1, should_stop)]
+    def should_stop() -> bool:  # (no line break coming, or an API with no time limit: given up)
+        return cancelled() or time.perf_counter() - t0 > req.budget_s + LINE_GRACE_S
+
+    try:  # the server ends it past the budget, at a line break: the first line comes whole
+        path = [first, *pool.greedy(req.uri, [*req.prompt, first], req.max_tokens - 1, should_stop, None, budget_ms)]
     except Cancelled:
         if cancelled():
             raise
@@ -500,7 +502,7 @@ def _infilled(engine: Engine, req: Request, cancelled: ShouldStop, t0: float) ->
     budget_ms = max(1, int(req.budget_s * 1000 - (time.perf_counter() - t0) * 1000))
 
     def should_stop() -> bool:  # (no line break coming: given up as /completion's path is)
-        return cancelled() or time.perf_counter() - t0 > req.budget_s + INFILL_GRACE_S
+        return cancelled() or time.perf_counter() - t0 > req.budget_s + LINE_GRACE_S
 
     try:  # the server ends it past the budget, at a line break
         path = engine.pool.infill(req.key, prefix, suffix, req.max_tokens, should_stop, None, engine.focus,

@@ -7,17 +7,22 @@ The old and the new vocabulary must never meet:
    thread: the old model keeps serving requests meanwhile, with the cores
    shared. If loading or calibration fails, the new model is freed and the
    old one stays.
+   Then ``read_ahead`` reads the focus document on the new model, on a
+   thread of its own too, so the first request after the swap does not
+   read it again.
 2. ``swap`` runs on the event loop, in one step (no await): every document is
    re-tokenized with the new vocabulary (the old model is still alive), and
    the engine is told to switch once the jobs already queued have run (their
    ids are the old vocabulary's). The documents' new targets replace the old
    ones in the same step, so no old id reaches the new model.
-3. The engine thread switches and frees the old model: by then nothing holds
-   its vocabulary.
+3. The engine thread switches, frees the old model (by then nothing holds
+   its vocabulary) and adopts the session read ahead.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -33,9 +38,11 @@ from ..engine.model import BatchRule, Model
 from ..engine.openai_api import OpenAIEngine
 from ..engine.remote import RemotePool
 from ..engine.scheduler import Engine
+from ..engine.session import Session
 from ..text.documents import DocumentStore, Vocab
 
 Calibrate = Callable[[Model, Path | None], BatchRule]
+log = logging.getLogger(__name__)
 
 
 def load_beside(s: Settings, cache: Path | None) -> Future[Model]:
@@ -51,6 +58,40 @@ def load_beside(s: Settings, cache: Path | None) -> Future[Model]:
 
     threading.Thread(target=run, name="lsp-llm-load", daemon=True).start()
     return fut
+
+
+async def read_ahead(store: DocumentStore, engine: Engine, model: Model, n_ctx: int) -> dict[str, Session]:
+    """Event loop: the focus document read on the new model, on a thread of
+    its own beside the serving model, before the swap
+    (``SessionPool.read_ahead``), so the first request after the swap feeds
+    only what was typed since. Nothing when there is no focus or no
+    in-process model serving, or when the read fails (the document is then
+    read after the swap, as any other)."""
+    uri = engine.focus
+    if uri is None or engine.pool.remote or engine.model is None:
+        return {}
+    fut: Future[Session] = Future()
+    try:
+        target = store.target_in(uri, vocab_of(model)).prompt
+    except Exception as e:  # noqa: BLE001 - a stale or closed document: nothing to read ahead
+        log.info("%s: not read ahead: %s", uri, e)
+        return {}
+
+    def run() -> None:
+        try:
+            fut.set_result(engine.pool.read_ahead(model, n_ctx, target))
+        except BaseException as e:  # noqa: BLE001 - the swap goes on without it
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="lsp-llm-read-ahead", daemon=True).start()
+    try:
+        return {uri: await asyncio.wrap_future(fut)}
+    except asyncio.CancelledError:  # the reload was given up: its session is freed when the read ends
+        fut.add_done_callback(lambda f: f.exception() is None and f.result().close())
+        raise
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s: not read ahead: %s", uri, e)
+        return {}
 
 
 def load(s: Settings, cache: Path | None, calibrate: Calibrate | None = None) -> Model:
@@ -79,16 +120,18 @@ def vocab_of(model: Model) -> Vocab:
                  lambda b: len(model.tokens_starting_with(b)) > 0, model.fim)
 
 
-def swap(store: DocumentStore, engine: Engine, model: Model, n_ctx: int, s: Settings | None = None) -> Future:
+def swap(store: DocumentStore, engine: Engine, model: Model, n_ctx: int, s: Settings | None = None,
+         ahead: dict[str, Session] | None = None) -> Future:
     """Event loop, one step: the documents take the new vocabulary and the
     engine switches to model after its queued jobs (back from a remote
-    engine: on a new in-process pool). The future is done when the engine
-    has switched (and freed the old model)."""
+    engine: on a new in-process pool), adopting the sessions read ahead.
+    The future is done when the engine has switched (and freed the old
+    model)."""
     targets = store.set_vocab(vocab_of(model))
     s = s or Settings()
     pool = None if not engine.pool.remote else engine.local_pool(s.max_sessions, n_ctx, engine.n_branches,
                                                                    s.headroom, s.saved_mb)
-    return engine.swap_model(model, n_ctx, targets, pool)
+    return engine.swap_model(model, n_ctx, targets, pool, ahead)
 
 
 # -- a remote engine ----------------------------------------------------------------------

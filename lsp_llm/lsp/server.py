@@ -160,10 +160,11 @@ class Server(LanguageServer):
             try:
                 try:
                     model = await loading
+                    n_ctx = lifecycle.n_ctx_for(s, model)
+                    ahead = await lifecycle.read_ahead(self.store, self.engine, model, n_ctx)
                 finally:
                     self.loading = None
-                await asyncio.wrap_future(lifecycle.swap(self.store, self.engine, model, lifecycle.n_ctx_for(s, model),
-                                                         s))
+                await asyncio.wrap_future(lifecycle.swap(self.store, self.engine, model, n_ctx, s, ahead))
             except Exception as e:  # ModelError and llama.cpp failures alike
                 return self._load_failed(e)
         self.model_name, self._serving = model.name, s

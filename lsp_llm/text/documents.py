@@ -8,6 +8,7 @@ text before it. The engine is told about every new target (``Sink``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import re
@@ -261,6 +262,13 @@ class DocumentStore:
         for doc in self.docs.values():
             doc.set_vocab(vocab)
         return {uri: self._target(doc) for uri, doc in self.docs.items()}
+
+    def target_in(self, uri: str, vocab: Vocab) -> DocTarget:
+        """The document's target in another vocabulary, the document left as
+        it is (a reload reads the focus document ahead with it)."""
+        doc = copy.copy(self.trusted(uri))
+        doc.set_vocab(vocab)
+        return self._target(doc)
 
     def mirror(self, uri: str, encoding: Encoding) -> Mirror:
         """What the server holds for a document, to compare with the editor."""

@@ -10,6 +10,8 @@ import re
 
 from lsprotocol import types as t
 
+from ..features.after_cursor import covered
+
 _BREAK = re.compile(r"\r\n|\r|\n")
 
 Pos = tuple[int, int]  # (line, column), the column in code points
@@ -89,3 +91,21 @@ class EditorText:
     @property
     def length(self) -> int:
         return units(self.text, self.encoding)
+
+    def edit_fits(self, at: int, item: t.CompletionItem) -> bool:
+        """The item's textEdit starts at or before the cursor (``at``), over the
+        text the item starts with, and ends at the cursor or past it over
+        exactly the closers the item closes (``after_cursor.covered``)."""
+        edit = item.text_edit
+        if not isinstance(edit, t.TextEdit):
+            return False
+        start, end = self.index(edit.range.start), self.index(edit.range.end)
+        line_end = self.lines()[self.position(at).line][1]
+        if start is None or end is None or not start <= at <= end <= line_end:
+            return False
+        typed = self.text[start:at]
+        if not edit.new_text.startswith(typed):
+            return False
+        rest = self.text[at:line_end].encode("utf-8", "surrogatepass")
+        takes = covered(edit.new_text[len(typed):].encode("utf-8", "surrogatepass"), rest)
+        return self.text[at:end].encode("utf-8", "surrogatepass") == rest[:takes]

@@ -25,7 +25,6 @@ from typing import Any
 from lsprotocol import types as t
 from pygls.exceptions import JsonRpcException
 
-from ..features.after_cursor import covered
 from .client import StdioServer, server_command
 from .editor_text import EditorText
 
@@ -91,25 +90,6 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def right_range(doc: EditorText, at: int, item: t.CompletionItem) -> bool:
-    """The item's textEdit starts at or before the cursor (``at``), over the
-    text the item starts with, and ends at the cursor or past it over
-    exactly the closers the item closes (``after_cursor.covered``)."""
-    edit = item.text_edit
-    if not isinstance(edit, t.TextEdit):
-        return False
-    start, end = doc.index(edit.range.start), doc.index(edit.range.end)
-    line_end = doc.lines()[doc.position(at).line][1]
-    if start is None or end is None or not start <= at <= end <= line_end:
-        return False
-    typed = doc.text[start:at]
-    if not edit.new_text.startswith(typed):
-        return False
-    rest = doc.text[at:line_end].encode("utf-8", "surrogatepass")
-    takes = covered(edit.new_text[len(typed):].encode("utf-8", "surrogatepass"), rest)
-    return doc.text[at:end].encode("utf-8", "surrogatepass") == rest[:takes]
 
 
 class Soak:
@@ -214,7 +194,7 @@ class Soak:
         self.fig.completions += 1
         self.fig.with_items += bool(res.items)
         before = EditorText(doc.uri, text, doc.encoding)
-        self.fig.bad_ranges += sum(not right_range(before, at, item) for item in res.items)
+        self.fig.bad_ranges += sum(not before.edit_fits(at, item) for item in res.items)
 
     async def cancel(self, doc: EditorText) -> None:
         assert self.server is not None

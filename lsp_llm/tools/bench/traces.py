@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-Pos = tuple[int, int]
+from ..editor_text import Pos
+
 TokenCounter = Callable[[str], int]
 
 # stdlib modules used when no --files are given (the first ones that exist)
