@@ -363,6 +363,12 @@ class Engine:
         left = self.read_settle_s - (time.monotonic() - self._touched)
         return left if left > 0 and self._waiting == Rank.READ else None
 
+    @property
+    def in_idle(self) -> bool:
+        """Whether the work running now is idle work (engine thread): a
+        guess at what the user will ask, not a request."""
+        return self._running_rank is Rank.IDLE
+
     def call_rows(self) -> int | None:
         """Rows per decode call for the work running now (engine thread):
         short calls for work that yields, None (the full batch) otherwise."""

@@ -139,13 +139,13 @@ def answer(engine: Engine, ask: Ask, should_stop: ShouldStop | None = None,
     # to the end of the line, for the keystrokes to come
     skip = len(ask.healed)
     spare = Spare(choice.spare, lambda text: line_end(text[skip:]) is not None,
-                  max(ask.line_tokens, WORD_TOKENS), alone=engine.memo.preparing)
+                  max(ask.line_tokens, WORD_TOKENS), alone=engine.in_idle)
     call_rows = engine.call_rows()  # short in idle work: a request waits for the call running
     branches, generated = extend(session, choice.firsts, done, limits, should_stop, engine.exact_memo,
                                  spare=spare, call_rows=call_rows, rides=_rides(ask))
     t2 = time.perf_counter()
     got = _build(engine.model, branches, choice, ask, _finished(engine.model, branches, done, limits))
-    if not engine.memo.preparing:  # idle work is not a request
+    if not engine.in_idle:  # idle work is not a request
         _record(engine.stats.setdefault(ask.uri, DocStats()), generated, engine.memo.hits - hits0,
                 t0, t1, t2, Session.decode_seconds - decode0)
     return got
