@@ -301,17 +301,24 @@ class Server(LanguageServer):
             except ModelError:  # the model switched meanwhile: no plan for the old one
                 pass
             return at.items(got.candidates)
+        cands = await self._newest(uri, "completion", lambda ticket: self._answer(ask, ticket))
+        return at.items(cands or [])
+
+    async def _newest(self, uri: str, kind: str, work: Callable[[Ticket], T]) -> T | None:
+        """A request's engine job, the newest of its kind per document
+        (``Latest.run``) within ``readBudgetMs``: None when a newer request
+        replaced it, a long read goes on in the background, or the engine
+        failed (told once). A llama.cpp failure is the request's error."""
         try:
-            cands = await self.latest.run((uri, "completion"), lambda ticket: self._answer(ask, ticket),
-                                          self.settings.read_budget_ms / 1000)
+            got = await self.latest.run((uri, kind), work, self.settings.read_budget_ms / 1000)
         except DecodeError as e:  # the session was reset; the next request feeds it again
             log.error("%s: %s", uri, e)
             raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
         except EngineError as e:
             self.engine_fault(e)
-            return at.items([])
+            return None
         self._faults.clear()
-        return at.items(cands or [])
+        return got
 
     @staticmethod
     def _within_budget(ticket: Ticket, fn: Callable[[Callable[[], bool]], T]) -> T:
@@ -367,17 +374,9 @@ class Server(LanguageServer):
         if at.hit is not None:
             return at.answer(at.hit)
         uri = at.req.uri
-        try:
-            found = await self.latest.run((uri, "inline"), lambda ticket: self._suggest(at.req, ticket),
-                                          self.settings.read_budget_ms / 1000)
-        except DecodeError as e:  # the session was reset; the next request feeds it again
-            log.error("%s: %s", uri, e)
-            raise DocumentError(f"llama.cpp failed on {uri}: {e}") from None
-        except EngineError as e:
-            self.engine_fault(e)
-            return None
+        found = await self._newest(uri, "inline", lambda ticket: self._suggest(at.req, ticket))
         if found is None:
-            return None  # a newer request replaced it, or a long read goes on in the background
+            return None  # a newer request replaced it, a long read goes on, or the engine failed
         old = self.inline.stats.get(uri)
         if old is not None:
             found.stats.type_through = old.type_through
