@@ -244,6 +244,18 @@ def test_measure_exact(client: LlamaServer, capsys: pytest.CaptureFixture[str]) 
         print(f"\nmeasure_exact: {exact} (top logprob cold, warm, rewound: {logprobs})")
 
 
+def test_the_exactness_probes_are_real_code_with_uncertain_next_tokens(client: LlamaServer) -> None:
+    """A near-certain next token (repeated text) agrees cold and warm even on
+    an engine that is not exact: the probes at connect must not be one."""
+    from lsp_llm.lsp.lifecycle import EXACT_PROBES, exact_sample
+
+    sample = ids(client, exact_sample())
+    assert len(sample) > max(EXACT_PROBES)
+    for n in EXACT_PROBES:
+        top, _ = client.top_next(0, sample[:n], 3)
+        assert top[0].logprob < -0.01, (n, top)
+
+
 def test_a_short_feed_finishes_when_preempted_and_a_long_one_stops(client: LlamaServer) -> None:
     """A keystroke's feed is cheaper to finish than to stop on a server (the
     slot stays busy until the server sees the closed connection); a long

@@ -56,7 +56,10 @@ def test_typing_and_completing_on_llama_server(engine_url: str, api: str) -> Non
         first = items(p, uri, 5, 8)
         assert first and all(i["textEdit"]["range"]["start"] == {"line": 5, "character": 8} for i in first)
         engine = stats(p)["engine"]
-        assert engine["engine"] == api and engine["slots"] == 2 and isinstance(engine["exact"], bool)
+        assert engine["engine"] == api and engine["slots"] == 2
+        # measured at connect, never assumed: llama-server here gives the same prompt other
+        # logprobs cold and warm (its docs say cache_prompt is not bit-exact)
+        assert engine["exact"] is False
         assert "gemma-3-270m" in engine["model"] and engine["url"] == url
         # type "pri" a keystroke at a time: each request reuses the slot's cache
         fed = []

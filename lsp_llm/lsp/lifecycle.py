@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import textwrap
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 from ..config import Settings
-from ..engine.calibrate import SAMPLE
 from ..engine.default_model import default_model_path
 from ..engine.http_engine import HttpEngine
 from ..engine.llama_server import LlamaServer
@@ -155,6 +155,15 @@ def connect_beside(s: Settings) -> Future[RemotePool]:
     return fut
 
 
+EXACT_PROBES = (150, 400)  # prompt lengths (tokens) that measure_exact tries
+
+
+def exact_sample() -> bytes:
+    """Real code for the exactness probes, the same everywhere this Python
+    runs: the start of the standard library's ``textwrap.py``."""
+    return (Path(textwrap.__file__).read_bytes())[:4000]
+
+
 def connect(s: Settings) -> RemotePool:
     server = ENGINE_APIS[s.engine_api](s.engine_url, os.environ.get(API_KEY_VARIABLE) or None)
     if isinstance(server, LlamaServer):
@@ -162,9 +171,10 @@ def connect(s: Settings) -> RemotePool:
     try:
         info = server.connect()
         bos = [info.bos_id] if info.add_bos and info.bos_id is not None else []
-        sample = bos + [t.id for t in server.tokenize(SAMPLE * 8)]
-        # several lengths, cut mid-line: one near-certain next token would hide a difference
-        exact = all(server.measure_exact(sample[:n]) for n in (37, 121, 299))
+        sample = bos + [t.id for t in server.tokenize(exact_sample())]
+        # real code cut at two lengths: a near-certain next token (repeated text) would hide
+        # a difference in the rest of the distribution
+        exact = all(server.measure_exact(sample[:n]) for n in EXACT_PROBES)
     except BaseException:
         server.close()
         raise
