@@ -45,11 +45,7 @@ T = TypeVar("T")
 IdleTask = Callable[[ShouldStop], None]  # engine thread; raises Cancelled when told to stop
 
 
-# Rows per decode call of lower-ranked work: whatever outranks it waits at
-# most one such call (a read's 32 rows take ~70 ms on 2 cores; an idle
-# plan's 8 branch rows, each with logits over the vocabulary, ~50 ms).
-# JOB and FOCUS work feeds in the context's full batch.
-READ_SETTLE_S = 0.05  # reads start this long after the last open or edit
+READ_SETTLE_S = 0.05  # reads start this long after the last open or edit (``Engine._settle_left``)
 
 
 class Rank(IntEnum):
@@ -64,6 +60,10 @@ class Rank(IntEnum):
     JOB = 5  # requests and engine operations, first come first served
 
 
+# Rows per decode call of lower-ranked work: whatever outranks it waits at
+# most one such call (a read's 32 rows take ~70 ms on 2 cores; an idle
+# plan's 8 branch rows, each with logits over the vocabulary, ~50 ms).
+# JOB and FOCUS work feeds in the context's full batch.
 CALL_ROWS = {Rank.READ: 32, Rank.SYNC: 32, Rank.IDLE: 8}
 
 
@@ -566,10 +566,13 @@ class Engine:
                 old.model.close()
         self.set_model(model, n_ctx)
         for uri, session in ahead.items():
-            if uri in self._targets and hasattr(self.pool, "adopt"):
-                self.pool.adopt(uri, session)
-            else:
-                session.close()
+            try:
+                if uri in self._targets and hasattr(self.pool, "adopt"):
+                    self.pool.adopt(uri, session)
+                    continue
+            except Exception:  # the model serves now: the document is read again instead
+                log.exception("%s: the session read ahead was not adopted", uri)
+            session.close()
 
 
 def _discard(model: Any, ahead: dict[str, Session]) -> None:

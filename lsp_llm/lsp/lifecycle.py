@@ -67,8 +67,8 @@ async def read_ahead(store: DocumentStore, engine: Engine, model: Model, n_ctx: 
     only what was typed since. Nothing when there is no focus or no
     in-process model serving, or when the read fails (the document is then
     read after the swap, as any other)."""
-    uri = engine.focus
-    if uri is None or engine.pool.remote or engine.model is None:
+    uri, pool = engine.focus, engine.pool
+    if uri is None or pool.remote or engine.model is None:
         return {}
     fut: Future[Session] = Future()
     try:
@@ -79,7 +79,7 @@ async def read_ahead(store: DocumentStore, engine: Engine, model: Model, n_ctx: 
 
     def run() -> None:
         try:
-            fut.set_result(engine.pool.read_ahead(model, n_ctx, target))
+            fut.set_result(pool.read_ahead(model, n_ctx, target))
         except BaseException as e:  # noqa: BLE001 - the swap goes on without it
             fut.set_exception(e)
 
