@@ -215,123 +215,186 @@ def extend(
 
     Returns each branch's tokens and the number of rows decoded.
     """
-    model = session.model
     k = len(firsts)
-    extra = list(spare.firsts) if spare is not None and memo is not None else []
-    if k + len(extra) > session.n_branches:
-        extra = extra[: max(0, session.n_branches - k)]
-        if k > session.n_branches:
-            raise ValueError(f"at most {session.n_branches} branches")
-    n = len(session.tokens)
-    limits = item_limits(max_tokens, session.n_ctx - n, session.rule)
-    session.make_room(n + sum(limits) + session.rule.padded(1) + 1)  # the items always fit
-    room = session.cells - n - 1
-    spare_limit = min(spare.max_tokens, room) if spare is not None else 0
-    branches = [Branch([t], model.piece(t), m, None) for t, m in zip(firsts, limits)]
-    branches += [Branch([t], model.piece(t), spare_limit, 0) for t in extra]
-    prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
-    sparing = spare is not None and memo is not None  # spare work only fills the memo
-    index = DraftIndex(session.tokens) if drafts else None
-    step = session.branch_step if call_rows is None else min(call_rows, session.branch_step)
-
-    def check(i: int) -> None:
-        """Settle branch i's item once it is complete."""
-        br = branches[i]
-        if br.item is None and (model.is_eog(br.tokens[-1]) or done(i, br.text) or len(br.tokens) >= br.limit):
-            br.item = len(br.tokens)
-            if sparing:
-                br.limit = max(br.limit, spare_limit)
-
-    def growing(i: int) -> bool:
-        br = branches[i]
-        if br.item is None:
-            return True
-        return (sparing and spare is not None and not model.is_eog(br.tokens[-1])
-                and not spare.done(br.text) and len(br.tokens) < br.limit)
-
-    def grow(i: int, tok: int) -> None:
-        branches[i].tokens.append(tok)
-        branches[i].text += model.piece(tok)
-        check(i)
-
-    for i in range(k):
-        check(i)
-    decoded = 0
-
-    def fits(rows: int) -> bool:
-        """Whether the context has free cells for rows more rows (with padding)."""
-        return n + sum(br.in_kv for br in branches) + session.rule.padded(rows) < session.cells
-
-    def give_way(need: list[int]) -> None:
-        """Free the cells of every branch but the items still growing, and
-        end its spare work: the items' room must not depend on it."""
-        for i, br in enumerate(branches):
-            if i not in need:
-                if br.in_kv:
-                    drop_branch(session, i)
-                br.in_kv, br.limit = 0, len(br.tokens)
-
+    g = _Growth.start(session, firsts, done, max_tokens, memo, drafts, spare, call_rows)
     try:
         while True:
-            if memo is not None and prefix is not None:
-                for i in range(len(branches)):
-                    while growing(i) and (tok := memo.get(GreedyMemo.key(prefix, branches[i].tokens))) is not None:
-                        grow(i, tok)
-            need = [i for i in range(len(branches)) if branches[i].item is None]  # items to finish
-            if not need or (rides is not None and _all_ride(rides, branches[:k], need)):
+            g.from_memo()
+            need = [i for i in range(len(g.branches)) if g.branches[i].item is None]  # items to finish
+            if not need or (rides is not None and _all_ride(rides, g.branches[:k], need)):
                 break
             if should_stop is not None and should_stop():
                 raise Cancelled()
-            rows = [row for i in need for row in _pending(i, branches[i])]
-            if not fits(len(rows)):
-                give_way(need)  # the item limits leave room for the items alone
-            if not fits(len(rows)):  # cannot happen (item_limits); a safeguard
+            call = g.plan(need)
+            if call is None:  # cannot happen (item_limits); a safeguard
                 break
-            guess: dict[int, list[int]] = {}
-            free = session.rule.padded(len(rows)) - len(rows) if len(rows) <= step else 0
-            for i in need:  # drafts can save a call
-                if index is None or free <= 0:
-                    break
-                br = branches[i]
-                most = min(free, br.limit - len(br.tokens) - 1)
-                while most > 0 and not fits(len(rows) + most):
-                    most -= 1
-                guess[i] = index.draft([*session.tokens[-1:], *br.tokens], most)
-                rows += [Row(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess[i])]
-                free -= len(guess[i])
-            working = list(need)
-            if spare is not None and not spare.alone and len(need) < 2:
-                free = 0
-            # spare work fills what is left, shortest branches first
-            for i in sorted(range(len(branches)), key=lambda i: len(branches[i].tokens)):
-                more = _pending(i, branches[i])
-                if i not in need and growing(i) and len(more) <= free and fits(len(rows) + len(more)):
-                    rows += more
-                    working.append(i)
-                    free -= len(more)
-            out = decode_rows(session, rows, n, _step, step, should_stop)
-            decoded += len(rows)
-            for i in working:
-                br = branches[i]
-                size, g = len(br.tokens), guess.get(i, [])
-                if memo is not None and prefix is not None:
-                    for m in range(len(g) + 1):  # rows after a wrong draft are exact for their own text
-                        memo.put(GreedyMemo.key(prefix, br.tokens + g[:m]), *out[(i, size - 1 + m)])
-                m, tok = 0, out[(i, size - 1)][0]
-                while True:
-                    grow(i, tok)
-                    if not growing(i) or m == len(g) or tok != g[m]:
-                        break
-                    tok = out[(i, size + m)][0]
-                    m += 1
-                br.in_kv = size + m
-                if len(g) > m:  # forget the rejected drafts
-                    llama.llama_memory_seq_rm(session.mem, i + 1, n + br.in_kv, -1)
+            out = decode_rows(session, call.rows, g.n, _step, g.step, should_stop)
+            g.take(call, out)
     except BaseException:
-        for i in range(len(branches)):
+        for i in range(len(g.branches)):
             drop_branch(session, i)
         raise
-    for i, br in enumerate(branches):
+    for i, br in enumerate(g.branches):
         if br.in_kv:  # only decoded branches hold cells
             drop_branch(session, i)
-    return [br.tokens[: br.item] for br in branches[:k]], decoded  # (a branch that rides may be unfinished)
+    return [br.tokens[: br.item] for br in g.branches[:k]], g.decoded  # (a branch that rides may be unfinished)
+
+
+@dataclass
+class _Call:
+    """One decode call of ``extend``: its rows, the branches it grows, and
+    the drafts it checks (by branch)."""
+
+    rows: list[Row]
+    working: list[int]
+    guess: dict[int, list[int]]
+
+
+@dataclass
+class _Growth:
+    """The state of one ``extend``: its branches (the items, then the spare
+    first tokens), and how each decode call is planned and taken."""
+
+    session: Session
+    branches: list[Branch]
+    done: Callable[[int, bytes], bool]
+    memo: GreedyMemo | None
+    spare: Spare | None
+    spare_limit: int
+    index: DraftIndex | None
+    step: int  # rows per call at most
+    n: int  # the document's tokens
+    prefix: Any  # the memo's key of the document (None without a memo)
+    decoded: int = 0
+
+    @classmethod
+    def start(cls, session: Session, firsts: Sequence[int], done: Callable[[int, bytes], bool],
+              max_tokens: Sequence[int], memo: GreedyMemo | None, drafts: bool, spare: Spare | None,
+              call_rows: int | None) -> _Growth:
+        k = len(firsts)
+        extra = list(spare.firsts) if spare is not None and memo is not None else []
+        if k + len(extra) > session.n_branches:
+            extra = extra[: max(0, session.n_branches - k)]
+            if k > session.n_branches:
+                raise ValueError(f"at most {session.n_branches} branches")
+        n = len(session.tokens)
+        limits = item_limits(max_tokens, session.n_ctx - n, session.rule)
+        session.make_room(n + sum(limits) + session.rule.padded(1) + 1)  # the items always fit
+        spare_limit = min(spare.max_tokens, session.cells - n - 1) if spare is not None else 0
+        piece = session.model.piece
+        branches = [Branch([t], piece(t), m, None) for t, m in zip(firsts, limits)]
+        branches += [Branch([t], piece(t), spare_limit, 0) for t in extra]
+        step = session.branch_step if call_rows is None else min(call_rows, session.branch_step)
+        index = DraftIndex(session.tokens) if drafts else None
+        prefix = GreedyMemo.prefix(session.tokens) if memo is not None else None
+        g = cls(session, branches, done, memo, spare, spare_limit, index, step, n, prefix)
+        for i in range(k):
+            g.check(i)
+        return g
+
+    @property
+    def sparing(self) -> bool:
+        """Spare work only fills the memo."""
+        return self.spare is not None and self.memo is not None
+
+    def check(self, i: int) -> None:
+        """Settle branch i's item once it is complete."""
+        br, model = self.branches[i], self.session.model
+        if br.item is None and (model.is_eog(br.tokens[-1]) or self.done(i, br.text) or len(br.tokens) >= br.limit):
+            br.item = len(br.tokens)
+            if self.sparing:
+                br.limit = max(br.limit, self.spare_limit)
+
+    def growing(self, i: int) -> bool:
+        br = self.branches[i]
+        if br.item is None:
+            return True
+        return (self.sparing and self.spare is not None and not self.session.model.is_eog(br.tokens[-1])
+                and not self.spare.done(br.text) and len(br.tokens) < br.limit)
+
+    def grow(self, i: int, tok: int) -> None:
+        self.branches[i].tokens.append(tok)
+        self.branches[i].text += self.session.model.piece(tok)
+        self.check(i)
+
+    def from_memo(self) -> None:
+        """Every branch grown as far as the memo knows its steps."""
+        if self.memo is None:
+            return
+        for i, br in enumerate(self.branches):
+            while self.growing(i) and (tok := self.memo.get(GreedyMemo.key(self.prefix, br.tokens))) is not None:
+                self.grow(i, tok)
+
+    def fits(self, rows: int) -> bool:
+        """Whether the context has free cells for rows more rows (with padding)."""
+        s = self.session
+        return self.n + sum(br.in_kv for br in self.branches) + s.rule.padded(rows) < s.cells
+
+    def give_way(self, need: list[int]) -> None:
+        """Free the cells of every branch but the items still growing, and
+        end its spare work: the items' room must not depend on it."""
+        for i, br in enumerate(self.branches):
+            if i not in need:
+                if br.in_kv:
+                    drop_branch(self.session, i)
+                br.in_kv, br.limit = 0, len(br.tokens)
+
+    def plan(self, need: list[int]) -> _Call | None:
+        """The next call: the rows the unfinished items need, their drafts in
+        the padding, then spare work in what is left (None: no room)."""
+        rows = [row for i in need for row in _pending(i, self.branches[i])]
+        if not self.fits(len(rows)):
+            self.give_way(need)  # the item limits leave room for the items alone
+        if not self.fits(len(rows)):
+            return None
+        call = _Call(rows, list(need), {})
+        free = self.session.rule.padded(len(rows)) - len(rows) if len(rows) <= self.step else 0
+        free = self._add_drafts(call, need, free)
+        if self.spare is not None and not self.spare.alone and len(need) < 2:
+            free = 0
+        self._add_spare(call, need, free)
+        return call
+
+    def _add_drafts(self, call: _Call, need: list[int], free: int) -> int:
+        """Drafts (prompt lookup) in the free rows: a right one saves a call."""
+        for i in need:
+            if self.index is None or free <= 0:
+                break
+            br = self.branches[i]
+            most = min(free, br.limit - len(br.tokens) - 1)
+            while most > 0 and not self.fits(len(call.rows) + most):
+                most -= 1
+            call.guess[i] = self.index.draft([*self.session.tokens[-1:], *br.tokens], most)
+            call.rows += [Row(i, len(br.tokens) + m, t, True) for m, t in enumerate(call.guess[i])]
+            free -= len(call.guess[i])
+        return free
+
+    def _add_spare(self, call: _Call, need: list[int], free: int) -> None:
+        """Spare work fills what is left, shortest branches first."""
+        for i in sorted(range(len(self.branches)), key=lambda i: len(self.branches[i].tokens)):
+            more = _pending(i, self.branches[i])
+            if i not in need and self.growing(i) and len(more) <= free and self.fits(len(call.rows) + len(more)):
+                call.rows += more
+                call.working.append(i)
+                free -= len(more)
+
+    def take(self, call: _Call, out: dict[tuple[int, int], Any]) -> None:
+        """Each branch the call worked on grows by its greedy token, and by
+        its draft as far as the draft was right; every step goes to the memo."""
+        self.decoded += len(call.rows)
+        for i in call.working:
+            br = self.branches[i]
+            size, g = len(br.tokens), call.guess.get(i, [])
+            if self.memo is not None:
+                for m in range(len(g) + 1):  # rows after a wrong draft are exact for their own text
+                    self.memo.put(GreedyMemo.key(self.prefix, br.tokens + g[:m]), *out[(i, size - 1 + m)])
+            m, tok = 0, out[(i, size - 1)][0]
+            while True:
+                self.grow(i, tok)
+                if not self.growing(i) or m == len(g) or tok != g[m]:
+                    break
+                tok = out[(i, size + m)][0]
+                m += 1
+            br.in_kv = size + m
+            if len(g) > m:  # forget the rejected drafts
+                llama.llama_memory_seq_rm(self.session.mem, i + 1, self.n + br.in_kv, -1)
