@@ -4,9 +4,10 @@ Every keystroke allocates and frees logits arrays (1 MB each with a 262k
 vocabulary) and batch buffers, from several threads. glibc keeps what they
 free in its per-thread arenas, so over hours the process's RSS grows in
 steps though its live memory does not: on a server 35 minutes into
-``lsp-llm soak``, ``malloc_trim(0)`` gave back 74 MB of 685. ``trim`` gives
-it back; the scheduler calls it when nothing waits, at most every
-``TRIM_EVERY_S``. Elsewhere than glibc it does nothing.
+``lsp-llm soak``, ``malloc_trim(0)`` gave back 74 MB of 685. ``Heap`` gives
+it back; the scheduler asks it between two pieces of work when no request
+or edit waits, and it trims at most every ``TRIM_EVERY_S``. Elsewhere than
+glibc it does nothing.
 """
 
 from __future__ import annotations

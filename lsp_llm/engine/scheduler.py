@@ -442,7 +442,7 @@ class Engine:
                 log.exception("engine: %s failed", type(work).__name__)
             finally:
                 self._running_rank = Rank.NOTHING
-            if self._waiting is Rank.NOTHING:  # idle: the memory that work freed goes back
+            if self._waiting < Rank.SYNC:  # no request, no edit waits: the memory work freed goes back
                 self.heap.trim_if_due()
         self.pool.close_all()
         with self._cond:
