@@ -49,7 +49,7 @@ FIM_SESSION = "#fim"  # the FIM session of a document is keyed uri + this
 MAX_SUFFIX_BYTES = 4096  # the FIM suffix is bounded by lines and by this
 MIN_CHARS = 2  # a suggestion shows at least this many non-blank bytes
 INFILL_PREFIX_TOKENS = 1536  # llama-server keeps 3/4 of its batch (2,048 by default) of an /infill prefix
-LINE_GRACE_S = 1.0  # past the budget, an /infill answer still waits this long for its line to end
+LINE_GRACE_S = 1.0  # past the budget, a served suggestion (/completion, /infill) waits this long for its line to end
 MAX_LINE_SUFFIX = 8  # without FIM, no suggestion before more text than this on the line
 _WORDY = re.compile(rb"[A-Za-z0-9_\x80-\xff]")
 
