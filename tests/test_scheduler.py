@@ -12,7 +12,6 @@ from pathlib import Path
 from test_engine import TEXT, wait_idle
 from test_trust import Pipe, completion_at, did_open
 
-from lsp_llm.engine.heap import Heap
 from lsp_llm.engine.model import Model
 from lsp_llm.engine.pool import PROGRESS_MIN_TOKENS
 from lsp_llm.engine.scheduler import CALL_ROWS, Engine, Rank
@@ -120,18 +119,3 @@ def test_a_fim_feed_yields_to_a_popup_request(tiny_fim_model_path: Path) -> None
         assert fim["cached"] < len(text) // 8, fim
     finally:
         p.close()
-
-
-def test_an_idle_engine_gives_freed_memory_back(engine: Engine) -> None:
-    engine.heap = Heap(every_s=0.0)  # (every 30 s by default)
-    engine.submit(lambda: None).result()
-    for _ in range(200):
-        if engine.heap.trims:
-            break
-        time.sleep(0.01)
-    assert engine.heap.trims >= 1 and engine.idle_stats()["heap_trims"] >= 1
-    busy = Heap(every_s=3600.0)
-    engine.heap = busy
-    engine.submit(lambda: None).result()
-    wait_idle(engine)
-    assert busy.trims == 0  # not before it is due

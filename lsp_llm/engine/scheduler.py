@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, TypeVar
 
-from .heap import Heap
 from .pool import SAVED_MB, DocState, DocStats, LongRead, SessionPool
 from .session import Cancelled, Session, ShouldStop
 
@@ -154,7 +153,6 @@ class Engine:
         self._running_rank = Rank.NOTHING  # of the work running now (engine thread)
         self._touched = 0.0  # time.monotonic() of the last update: reads settle after it
         self.read_settle_s = READ_SETTLE_S
-        self.heap = Heap()
         self._thread = threading.Thread(target=self._run, name="lsp-llm-engine", daemon=True)
         self._thread.start()
 
@@ -413,7 +411,6 @@ class Engine:
             "saved_documents": len(self.saved),
             "saved_mb": round(self.saved_mb, 1),
             "waiting": self._waiting.name.lower(),
-            "heap_trims": self.heap.trims,
         }
 
     @property
@@ -442,8 +439,6 @@ class Engine:
                 log.exception("engine: %s failed", type(work).__name__)
             finally:
                 self._running_rank = Rank.NOTHING
-            if self._waiting < Rank.SYNC:  # no request, no edit waits: the memory work freed goes back
-                self.heap.trim_if_due()
         self.pool.close_all()
         with self._cond:
             self._plans.clear()
