@@ -18,7 +18,7 @@ import random
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -381,7 +381,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--from-json", metavar="PATH", help="no run: summarize (and --plot) a run's JSON")
     args = p.parse_args(argv)
     if args.from_json:
-        fig = Figures(**json.loads(Path(args.from_json).read_text()))
+        known = {f.name for f in fields(Figures)}  # (a run of another version may have more)
+        fig = Figures(**{k: v for k, v in json.loads(Path(args.from_json).read_text()).items() if k in known})
     else:
         fig = asyncio.run(Soak(args).run())
     print(fig.summary())
