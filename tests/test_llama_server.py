@@ -233,8 +233,10 @@ def test_the_api_key(tiny_fim_model_path: Path) -> None:
 
 
 def test_measure_exact(client: LlamaServer, capsys: pytest.CaptureFixture[str]) -> None:
-    exact = client.measure_exact(ids(client, OTHER), slot=0)
-    assert isinstance(exact, bool)
+    from lsp_llm.lsp.lifecycle import EXACT_PROBES, exact_sample
+
+    exact = client.measure_exact(ids(client, exact_sample())[: EXACT_PROBES[0]], slot=0)
+    assert exact is False  # llama-server here: other logprobs cold and warm (cache_prompt is not bit-exact)
     runs = client.last_exact
     assert runs is not None and runs.exact == exact
     assert runs.cold_timings.cache_n == 0 and runs.warm_timings.cache_n > 0
