@@ -71,8 +71,10 @@ def serve(argv: list[str]) -> int:
             print(f"lsp-llm: {e}", file=sys.stderr)
             return 2
     from .lsp import stdio
+    from .lsp.memory import give_back_freed_memory
     from .lsp.server import build
 
+    give_back_freed_memory()
     server = build(settings)
     log = logging.getLogger("lsp_llm")
     try:

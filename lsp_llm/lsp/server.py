@@ -33,6 +33,7 @@ from ..features.inline import Request as InlineRequest
 from ..text.documents import Document, DocumentError, DocumentStore, Encoding, count, decode, encode
 from . import lifecycle
 from .jobs import Latest, Ticket
+from .memory import heap_stats
 from .progress import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -567,6 +568,7 @@ def build(settings: Settings) -> Server:
             "fim": bool(ls.settings.fim and ls.engine.model is not None and ls.engine.model.fim is not None),
             "documents": {u: s.as_dict() for u, s in list(ls.engine.stats.items())},
             "engine": ls.engine.pool.describe(),
+            "heap": heap_stats(),
         }
 
     @server.command(DOCUMENT_COMMAND)

@@ -57,6 +57,7 @@ class Figures:
     held: list[tuple[float, int, int, float]] = field(default_factory=list)
     doc_chars: list[tuple[float, int]] = field(default_factory=list)  # (minute, characters in the documents)
     late: list[tuple[float, str]] = field(default_factory=list)  # (minute, method) of each unanswered request
+    heap: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (minute, the stats' "heap")
 
     def summary(self) -> str:
         start, end = self.rss_mb[0][1], self.rss_mb[-1][1]
@@ -284,6 +285,7 @@ class Soak:
         except (asyncio.TimeoutError, JsonRpcException):
             return
         self.fig.held.append((minute, st.get("memo_steps", 0), st.get("saved_documents", 0), st.get("saved_mb", 0.0)))
+        self.fig.heap.append((minute, st.get("heap", {})))
         if self.args.json:  # written as it goes: an interrupted run still leaves its curve
             Path(self.args.json).write_text(json.dumps(asdict(self.fig), indent=1))
 

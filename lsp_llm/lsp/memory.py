@@ -1,0 +1,76 @@
+"""The server's memory: how the C heap gives freed memory back, and where
+the memory is, for the stats command and the soak (the C heap as glibc's
+``mallinfo2`` sees it: in use, free but kept, and mapped blocks; Python's
+own objects; with ``PYTHONTRACEMALLOC`` set, the Python lines that hold the
+most)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+import tracemalloc
+from typing import Any
+
+MB = 1 << 20
+TOP_LINES = 8
+# Blocks this big or bigger get pages of their own, unmapped when freed.
+# glibc's default threshold starts here but rises to the largest block freed
+# so far (up to 32 MB), after which a logits row (1 MB on a 262k vocabulary)
+# and llama.cpp's buffers of a re-sized context come from the heap, whose
+# freed middle is kept: the soak's server grew by ~1 MB a minute, nearly all
+# of it free heap (``c_free_kept_mb``). A fixed threshold keeps it near 0.
+MMAP_THRESHOLD = 128 << 10
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+
+log = logging.getLogger(__name__)
+_given_back = False  # whether ``give_back_freed_memory`` set the threshold
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mallinfo2() -> Any:
+    path = ctypes.util.find_library("c")
+    fn = getattr(ctypes.CDLL(path), "mallinfo2", None) if path else None
+    if fn is None:  # not glibc, or older than 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def give_back_freed_memory() -> bool:
+    """At start, before the model loads: big blocks get pages of their own
+    (``MMAP_THRESHOLD``). Not where glibc is absent or the user set
+    ``MALLOC_MMAP_THRESHOLD_`` (theirs stands). Returns whether it was set."""
+    global _given_back
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or _MALLINFO2 is None:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+        return False
+    _given_back = True
+    return True
+
+
+def heap_stats() -> dict[str, Any]:
+    """MB by holder; fields absent where the platform cannot say."""
+    out: dict[str, Any] = {"python_blocks": sys.getallocatedblocks(), "big_blocks_unmapped": _given_back}
+    if _MALLINFO2 is not None:
+        m = _MALLINFO2()
+        out |= {"c_in_use_mb": round(m.uordblks / MB, 1), "c_free_kept_mb": round(m.fordblks / MB, 1),
+                "c_mapped_mb": round(m.hblkhd / MB, 1), "c_mapped_blocks": m.hblks}
+    if tracemalloc.is_tracing():
+        out["python_traced_mb"] = round(tracemalloc.get_traced_memory()[0] / MB, 1)
+        top = tracemalloc.take_snapshot().statistics("lineno")[:TOP_LINES]
+        out["python_top"] = [[str(s.traceback), round(s.size / MB, 2), s.count] for s in top]
+    return out
