@@ -114,6 +114,32 @@ def test_never_rewinds_past_bos(tiny: Model) -> None:
         s.close()
 
 
+def test_a_first_read_opens_one_context_and_feeds_bos_with_the_text(tiny: Model) -> None:
+    """A first read costs its text's decode calls only: the context opens at
+    the document's size (not a guess it replaces), and BOS rides in the first
+    call, its logits those of BOS alone (the model keeps them)."""
+    target = tiny.tokenize(BASE.encode(), True)
+    warm = Session(tiny, n_ctx=1024, n_branches=2)
+    warm.sync(target[:3])  # the model knows BOS's logits from here on
+    warm.close()
+    opened: list[int] = []
+    new_context = tiny.new_context
+    tiny.new_context = lambda cells, n_seq: opened.append(cells) or new_context(cells, n_seq)  # type: ignore[method-assign]
+    s = Session(tiny, n_ctx=2048, n_branches=2)
+    try:
+        rows = Session.decoded_rows
+        s.sync(target, doc_tokens=900)
+        assert opened == [1536]  # one context, for 900 tokens and room to grow
+        rule = tiny.batch_rule
+        assert Session.decoded_rows - rows == sum(rule.padded(n) for n in rule.plan(len(target), s.rows))
+        r = s.sync(target[:1])  # an empty document: served from the remembered BOS logits
+        assert (r.reused, r.fed) == (1, 0)
+        assert np.array_equal(s.logits, fresh_logits(tiny, target[:1]))
+    finally:
+        del tiny.new_context
+        s.close()
+
+
 def test_sync_rejects_targets_longer_than_the_context(tiny: Model) -> None:
     s = Session(tiny, n_ctx=64, n_branches=1)
     try:

@@ -163,6 +163,9 @@ class Model:
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._sorted: tuple[list[bytes], np.ndarray] | None = None
         self.batch_rule = BatchRule(4, 8)
+        # the logits after BOS alone, by batch rule: the same in every context
+        # (see ``Session.sync``)
+        self.bos_logits: dict[BatchRule, np.ndarray] = {}
 
     @property
     def name(self) -> str:

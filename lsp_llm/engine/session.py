@@ -120,12 +120,10 @@ class Session:
         # back to such a prefix (a backspace, a guess that missed) is free
         self._logits_at: dict[int, np.ndarray] = {}
         self._closed = False
+        self.cells = 0  # the context's KV cells (``n_ctx`` is what limits see); none yet
+        # the context opens at its first use, sized for it (a first read: the
+        # document), not at a guess that the read would replace
         self.batch = llama.llama_batch_init(self.rows, 0, n_branches + 1)
-        try:
-            self._open(min(n_ctx, GROW_CELLS))
-        except BaseException:
-            self.close()
-            raise
 
     @property
     def rule(self) -> BatchRule:
@@ -163,7 +161,7 @@ class Session:
         ctx = self.model.new_context(cells, self.keeper + 1)
         llama.llama_set_abort_callback(ctx, self._abort, None)
         self.ctx, self.mem = ctx, llama.llama_get_memory(ctx)
-        self.cells = cells  # the context's KV cells (``n_ctx`` is what limits see)
+        self.cells = cells
 
     def _free(self) -> None:
         """Free the context: the session holds nothing, and no pointer to
@@ -173,11 +171,12 @@ class Session:
         if ctx:
             llama.llama_free(ctx)
 
-    def _context(self) -> None:
-        """A session whose context could not be replaced (see ``_resize``)
-        starts over, empty, like a new one; a closed one refuses."""
+    def _context(self, tokens: int = 0) -> None:
+        """A new session, or one whose context could not be replaced (see
+        ``_resize``), opens one, empty, for ``tokens`` tokens; a closed one
+        refuses."""
         if self.ctx is None:
-            self._open(min(self.n_ctx, GROW_CELLS))
+            self._open(_cells_for(tokens, self.n_ctx) if tokens else min(self.n_ctx, GROW_CELLS))
 
     def _fit(self, tokens: int, doc_tokens: int) -> None:
         """Size the context for a target of ``tokens`` tokens: grow it, or fit
@@ -277,7 +276,7 @@ class Session:
             raise ValueError("a session needs at least one token")
         if len(target) > self.n_ctx:
             raise ValueError(f"{len(target)} tokens do not fit a context of {self.n_ctx}")
-        self._context()
+        self._context(max(len(target), doc_tokens))
         keep = common_prefix(self.tokens, target)
         if keep == len(target):  # target is a prefix of what we hold
             if keep == len(self.tokens) and self.logits is not None:
@@ -292,13 +291,27 @@ class Session:
         self._fit(len(target), doc_tokens)
         fed_bos = 0
         if keep == 0 and self.model.add_bos and target[0] == self.model.bos:
-            # BOS goes alone so its logits are remembered: the session then
-            # never has to rewind past it.
-            self._decode_doc([target[0]], want_logits=True)
-            keep = fed_bos = 1
+            keep = fed_bos = self._start(target)
         probed: dict[int, tuple[int, ...]] = {}
         fed = self._feed(list(target[keep:]), should_stop, progress, probe, probed, rows)
         return SyncResult(reused=keep - fed_bos, fed=fed + fed_bos, probed=probed)
+
+    def _start(self, target: Sequence[int]) -> int:
+        """A session starting at BOS remembers BOS's logits, so it never has
+        to rewind past it. They are the same in every context (BOS alone, a
+        canonical call at position 0), so the model keeps them: the first
+        session decodes BOS alone, later ones feed it with the text (a first
+        read saves a decode call). Returns the tokens fed here."""
+        known = self.model.bos_logits.get(self.rule)
+        if known is None or len(target) == 1:
+            self._decode_doc([target[0]], want_logits=True)
+            assert self.logits is not None
+            known = self.logits.copy()
+            known.setflags(write=False)  # shared by every session of the model
+            self.model.bos_logits[self.rule] = known
+            return 1
+        self._logits_at[1] = known  # (kept by ``_rewind``: the session never goes below 1 token)
+        return 0
 
     def _rewind(self, n: int) -> None:
         if n < len(self.tokens):
