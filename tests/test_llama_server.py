@@ -277,3 +277,37 @@ def test_a_short_feed_finishes_when_preempted_and_a_long_one_stops(client: Llama
     assert pool.stats["file:///a.py"].cached == len(typed)
     _, timings = client.top_next(pool.sessions["file:///a.py"], typed, 3)
     assert timings.prompt_n <= 1  # the slot holds the typed text
+
+
+def test_shared_clients_keep_their_documents_on_the_slots_the_engine_chose(server_url: str) -> None:
+    """``engineSlots: shared``: each lsp-llm server lets the engine choose a
+    document's slot, then keeps the document there. A request whose slot is
+    busy (with its own cancelled predecessor, here a long generation) waits
+    for it, rather than take the other client's slot and evict its document."""
+    from lsp_llm.engine.remote import RemotePool
+
+    with LlamaServer(server_url, timeout_s=120) as one, LlamaServer(server_url, timeout_s=120) as two:
+        pools = []
+        for c in (one, two):
+            c.connect()
+            c.shared = True
+            assert c.info is not None
+            pools.append(RemotePool(c, c.info, headroom=8, exact=False))
+        mine, theirs = pools
+        a, b = ids(one, CODE), ids(one, OTHER)
+        mine.sync("file:///a.py", a, None, b"")
+        theirs.sync("file:///b.py", b, None, b"")
+        slot_a, slot_b = mine.chosen["file:///a.py"], theirs.chosen["file:///b.py"]
+        assert slot_a != slot_b  # the engine gave each document an idle slot of its own
+        busy = threading.Thread(target=lambda: one.greedy([slot_a], [a], 120))
+        busy.start()
+        try:
+            while not any(s.get("id") == slot_a and s.get("is_processing") for s in one.slots()):
+                assert busy.is_alive(), "the generation ended before it was seen"
+                time.sleep(0.01)
+            mine.top_next("file:///a.py", a + ids(one, b" found")[1:], 3, lambda: False)
+        finally:
+            busy.join()
+        assert mine.chosen["file:///a.py"] == slot_a
+        theirs.top_next("file:///b.py", b, 3, lambda: False)
+        assert theirs.stats["file:///b.py"].reused_last >= len(b) - 1  # b's slot still holds b

@@ -80,12 +80,13 @@ class TopToken:
 @dataclass(frozen=True)
 class Timings:
     """``cache_n`` tokens reused from the server's cache, ``prompt_n`` evaluated, ``predicted_n``
-    generated, ``ms`` the time for both."""
+    generated, ``ms`` the time for both; ``slot`` the server's slot that ran it (-1: not said)."""
 
     cache_n: int
     prompt_n: int
     predicted_n: int
     ms: float
+    slot: int = -1
 
 
 NO_TIMINGS = Timings(0, 0, 0, 0.0)

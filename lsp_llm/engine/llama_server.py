@@ -56,7 +56,8 @@ GREEDY = {"samplers": ["top_k"], "top_k": 1, "temperature": 0.0}
 def _timings(answer: dict[str, Any]) -> Timings:
     t = answer.get("timings") or {}
     ms = float(t.get("prompt_ms", 0.0)) + float(t.get("predicted_ms", 0.0))
-    return Timings(int(t.get("cache_n", 0)), int(t.get("prompt_n", 0)), int(t.get("predicted_n", 0)), ms)
+    return Timings(int(t.get("cache_n", 0)), int(t.get("prompt_n", 0)), int(t.get("predicted_n", 0)), ms,
+                   int(answer.get("id_slot", -1)))
 
 
 class LlamaServer(HttpEngine):
@@ -64,7 +65,7 @@ class LlamaServer(HttpEngine):
 
     api = "llama-server"
     name = "llama-server"
-    shared = False  # several lsp-llm servers on this engine: it chooses the slots (see _slot)
+    shared = False  # several lsp-llm servers on this engine: it chooses the slots (see RemotePool.slot)
 
     def feed(self, slot: int, prompt: list[int], should_stop: ShouldStop = _never) -> Timings:
         """Bring ``slot``'s cache to ``prompt`` (re-feed in idle time)."""
@@ -146,12 +147,9 @@ class LlamaServer(HttpEngine):
     # -- plumbing -------------------------------------------------------------------------------
 
     def _slot(self, slot: int) -> int:
-        """The ``id_slot`` a request goes with: the document's own slot, or
-        -1 when several clients share the server (``engineSlots: shared``):
-        the server then picks the idle slot whose cached prompt shares the
-        most with the request, which keeps each document on its slot
-        without two clients pinning the same one."""
-        if self.shared:
+        """The ``id_slot`` a request goes with: the document's slot, or -1
+        (shared: the server picks one; see ``RemotePool.slot``)."""
+        if slot == -1 and self.shared:
             return -1
         if slot < 0 or (self.info is not None and slot >= self.info.n_slots):
             n = self.info.n_slots if self.info else "?"

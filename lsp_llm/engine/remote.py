@@ -103,7 +103,11 @@ class RemotePool:
         self.sessions: OrderedDict[str, int] = OrderedDict()  # document -> its slot, LRU
         self.fed: dict[str, list[int]] = {}  # document -> the prompt its slot was last brought to
         self.saved: OrderedDict[str, int] = OrderedDict()  # document -> tokens saved on the server's disk
-        self.slot_files = info.slot_files and not getattr(server, "shared", False)  # (shared: no slot of its own)
+        # shared (``engineSlots``): several lsp-llm servers on this engine, so
+        # the engine chooses each document's slot (see ``slot``)
+        self.shared = bool(getattr(server, "shared", False))
+        self.chosen: dict[str, int] = {}  # shared: document -> the slot the engine last ran it on
+        self.slot_files = info.slot_files and not self.shared  # (shared: no slot of its own)
         self.can_infill = info.infill is True
         self.infill_total = 0  # ghost-text requests answered through /infill
         self.stats: dict[str, DocStats] = {}
@@ -121,9 +125,18 @@ class RemotePool:
         return len(self.sessions) < self.max_sessions
 
     def slot(self, uri: str, focus: str | None = None) -> int:
-        """The document's slot: its own, a free one, or the least recently
-        used one of another document (not the focus's), saved first where
-        the server can; a saved document's slot is restored."""
+        """The slot a document's request goes to. Its own: a free one, or
+        the least recently used one of another document (not the focus's),
+        saved first where the server can; a saved document's slot is
+        restored. Shared, the engine chooses (-1): the idle slot whose prompt
+        shares the most with the request. Then the document stays on the slot
+        the engine last ran it on (``_ran``), so that a request waits for
+        that slot, busy with its own cancelled predecessor, rather than take
+        another typist's."""
+        own = self._own_slot(uri, focus)
+        return self.chosen.get(uri, -1) if self.shared else own
+
+    def _own_slot(self, uri: str, focus: str | None) -> int:
         if uri in self.sessions:
             self.sessions.move_to_end(uri)
             return self.sessions[uri]
@@ -170,9 +183,10 @@ class RemotePool:
         """The slot's cache brought to the document's prompt (eager re-feed)."""
         fitted = self.fit(target)
         slot = self.slot(uri, focus)
-        new = len(fitted) - common_prefix(self.fed.get(uri, []), fitted)
-        stop = _never if should_stop is None or new <= SHORT_FEED else should_stop
+        reusable = common_prefix(self.fed.get(uri, []), fitted)
+        stop = _never if should_stop is None or len(fitted) - reusable <= SHORT_FEED else should_stop
         timings = self.server.feed(slot, fitted, stop)
+        self._ran(uri, reusable, timings)
         self.fed[uri] = fitted
         self._note(uri, len(fitted), timings)
         return slot
@@ -182,6 +196,7 @@ class RemotePool:
 
     def drop(self, uri: str) -> None:
         self.sessions.pop(uri, None)
+        self.chosen.pop(uri, None)
         self.fed.pop(uri, None)
         self.saved.pop(uri, None)
 
@@ -196,6 +211,7 @@ class RemotePool:
 
     def close_all(self) -> None:
         self.sessions.clear()
+        self.chosen.clear()
         self.fed.clear()
         self.saved.clear()
 
@@ -205,6 +221,7 @@ class RemotePool:
         """The n likeliest next tokens after prompt, on the document's slot."""
         fitted = self.fit(prompt)
         top, timings = self.server.top_next(self.slot(uri, focus), fitted, n, should_stop)
+        self._ran(uri, common_prefix(self.fed.get(uri, []), fitted), timings)
         self.fed[uri] = fitted
         self._note(uri, len(fitted), timings, request=True)
         return top
@@ -213,8 +230,9 @@ class RemotePool:
                stop: list[str] | None = None, t_max_ms: int = 0) -> list[int]:
         """The greedy continuation of prompt on the document's slot (ended at a
         line break past ``t_max_ms`` where the API can)."""
-        [(tokens, timings)] = self.server.greedy([self.slot(uri)], [self.fit(prompt)], n_predict, should_stop, stop,
-                                                 t_max_ms)
+        fitted = self.fit(prompt)
+        [(tokens, timings)] = self.server.greedy([self.slot(uri)], [fitted], n_predict, should_stop, stop, t_max_ms)
+        self._ran(uri, common_prefix(self.fed.get(uri, []), fitted), timings)
         st = self.stats.setdefault(uri, DocStats())
         st.generated_last += timings.predicted_n
         st.generated_total += timings.predicted_n
@@ -226,12 +244,25 @@ class RemotePool:
         (the document's FIM key: see the module's notes)."""
         slot = self.slot(key, focus)
         tokens, timings = self.server.infill(slot, prefix, suffix, n_predict, should_stop, stop, t_max_ms)
+        self._ran(key, 0, timings)
         self._note(key, timings.cache_n + timings.prompt_n, timings, request=True)
         st = self.stats[key]
         st.generated_last = timings.predicted_n
         st.generated_total += timings.predicted_n
         self.infill_total += 1
         return tokens
+
+    def _ran(self, uri: str, reusable: int, timings: Timings) -> None:
+        """Shared: the slot the engine ran the document on is where its next
+        request goes. One that no longer held the document (another client
+        took it: under half of the ``reusable`` tokens this client left there
+        were reused) is let go, and the engine chooses again."""
+        if not self.shared or timings.slot < 0:
+            return
+        if uri in self.chosen and timings.cache_n < reusable // 2:
+            del self.chosen[uri]
+        else:
+            self.chosen[uri] = timings.slot
 
     def _note(self, uri: str, tokens: int, timings: Timings, request: bool = False) -> None:
         """The tokens the server reused and evaluated for a document: what a
