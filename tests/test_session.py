@@ -3,6 +3,8 @@ bit-identical to a fresh evaluation of the same text (tiny model)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import llama_cpp as llama
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lsp_llm.engine.calibrate import calibrate
 from lsp_llm.engine.model import BatchRule, Model
 from lsp_llm.engine.session import Session, common_prefix
 
@@ -138,6 +141,18 @@ def test_a_first_read_opens_one_context_and_feeds_bos_with_the_text(tiny: Model)
     finally:
         del tiny.new_context
         s.close()
+
+
+def test_a_model_knows_bos_logits_once_loaded(tiny_model_path: Path, tmp_path: Path) -> None:
+    """So that the first read after a load (a first visit) saves its call too,
+    whether the batch rule was measured or cached."""
+    for _ in ("measured", "cached"):
+        model = Model(tiny_model_path, threads=2)
+        try:
+            calibrate(model, tmp_path)
+            assert np.array_equal(model.bos_logits[model.batch_rule], fresh_logits(model, [model.bos]))
+        finally:
+            model.close()
 
 
 def test_sync_rejects_targets_longer_than_the_context(tiny: Model) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from .branches import Row, decode_rows, drop_branch
 from .model import CANDIDATE_RULES, BatchRule, Model
-from .session import Session
+from .session import GROW_CELLS, Session
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ def calibrate(model: Model, cache: Path | None) -> BatchRule:
         model.batch_rule = cached
         log.info("batch rule (cached): multiple of %d, at least %d rows, exact=%s",
                  cached.multiple, cached.minimum, cached.exact)
+        keep_bos_logits(model)
         return cached
     start = time.perf_counter()
     tokens = model.tokenize(SAMPLE, add_bos=True)
@@ -116,7 +117,21 @@ def calibrate(model: Model, cache: Path | None) -> BatchRule:
         log.warning("no batch rule gave bit-identical logits on this CPU; completions may vary "
                     "slightly with edit history (checked in %.2fs)", took)
     _save(cache, key, rule)
+    keep_bos_logits(model)
     return rule
+
+
+def keep_bos_logits(model: Model) -> None:
+    """The logits after BOS alone under the model's rule, for the model to
+    keep (``Session._start``): from the first read on, BOS rides in the
+    read's first call."""
+    if not model.add_bos:
+        return
+    s = Session(model, n_ctx=GROW_CELLS, n_branches=1)
+    try:
+        s.sync([model.bos])
+    finally:
+        s.close()
 
 
 def _load(cache: Path | None, key: str) -> BatchRule | None:
