@@ -16,14 +16,19 @@ from typing import Any
 
 MB = 1 << 20
 TOP_LINES = 8
-# Blocks this big or bigger get pages of their own, unmapped when freed.
-# glibc's default threshold starts here but rises to the largest block freed
-# so far (up to 32 MB), after which a logits row (1 MB on a 262k vocabulary)
-# and llama.cpp's buffers of a re-sized context come from the heap, whose
-# freed middle is kept: the soak's server grew by ~1 MB a minute, nearly all
-# of it free heap (``c_free_kept_mb``). A fixed threshold keeps it near 0.
-MMAP_THRESHOLD = 128 << 10
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+# glibc's mmap threshold starts at 128 KB but rises to the largest block
+# freed so far (up to 32 MB), after which llama.cpp's buffers of a context
+# that is replaced or re-sized come from the heap, which keeps what they
+# free: the soak's server grew by ~1 MB a minute, nearly all of it free heap
+# kept (``c_free_kept_mb``). Fixed thresholds: blocks of 4 MB and more (a
+# context's buffers) get pages of their own, unmapped when freed; smaller
+# ones (a logits row is 1 MB on a 262k vocabulary, a top-k's temporaries 2
+# MB) stay in the heap and are reused, and up to 32 MB free at its top is
+# kept rather than given back and faulted in again on the next keystroke
+# (a 128 KB threshold made a logits row's copy and top-k 4x slower).
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 32 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 
 log = logging.getLogger(__name__)
 _given_back = False  # whether ``give_back_freed_memory`` set the threshold
@@ -49,14 +54,15 @@ _MALLINFO2 = _mallinfo2()
 
 def give_back_freed_memory() -> bool:
     """At start, before the model loads: big blocks get pages of their own
-    (``MMAP_THRESHOLD``). Not where glibc is absent or the user set
-    ``MALLOC_MMAP_THRESHOLD_`` (theirs stands). Returns whether it was set."""
+    (``MMAP_THRESHOLD``, ``TRIM_THRESHOLD``). Not where glibc is absent or
+    the user set ``MALLOC_MMAP_THRESHOLD_`` (theirs stands). Returns whether
+    it was set."""
     global _given_back
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or _MALLINFO2 is None:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        log.debug("mallopt(M_MMAP_THRESHOLD) refused")
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        log.debug("mallopt refused the thresholds")
         return False
     _given_back = True
     return True
