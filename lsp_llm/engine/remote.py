@@ -134,7 +134,10 @@ class RemotePool:
         that slot, busy with its own cancelled predecessor, rather than take
         another typist's."""
         own = self._own_slot(uri, focus)
-        return self.chosen.get(uri, -1) if self.shared else own
+        if not self.shared:
+            return own
+        chosen = self.chosen.get(uri, -1)
+        return chosen if chosen < self.max_sessions else -1
 
     def _own_slot(self, uri: str, focus: str | None) -> int:
         if uri in self.sessions:
