@@ -64,6 +64,9 @@ class ProgressReporter:
     def end(self, token: str | None) -> None:
         if token is not None:
             self.server.work_done_progress.end(token, t.WorkDoneProgressEnd())
+            # pygls keeps every token it saw (openlawlibrary/pygls#607): an
+            # ended one is forgotten here, or a server up for days keeps them all
+            self.server.work_done_progress.tokens.pop(token, None)
 
     @asynccontextmanager
     async def task(self, title: str) -> AsyncIterator[None]:
