@@ -97,10 +97,18 @@ class Protocol(LanguageServerProtocol):
         takes it out: a notification's (didOpen, didChange, didClose, under
         a fresh id) and each step a generator handler yields stayed for good.
         Every keystroke kept a future, a lock and an id (in the soak, ~7,000
-        Python objects a minute). Each is taken out when it is done."""
+        Python objects a minute). Each is taken out when it is done, on the
+        event loop after the callback (``shutdown`` cancels them while it
+        iterates over them)."""
         super()._execute_handler(msg_id, handler, callback, args, kwargs)
-        if (future := self._request_futures.get(msg_id)) is not None:
+        if (future := self._request_futures.get(msg_id)) is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop: taken out at once)
             future.add_done_callback(lambda done: self._forget(msg_id, done))
+            return
+        future.add_done_callback(lambda done: _soon(loop, self._forget, msg_id, done))
 
     def _forget(self, msg_id: Any, future: Any) -> None:
         if self._request_futures.get(msg_id) is future:
@@ -611,6 +619,14 @@ def build(settings: Settings) -> Server:
         ls.engine.stop(0)
 
     return server
+
+
+def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    """fn(*args) on loop, from any thread; nothing once the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 def _guard(fn: Any) -> None:
