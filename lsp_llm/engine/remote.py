@@ -189,7 +189,7 @@ class RemotePool:
         reusable = common_prefix(self.fed.get(uri, []), fitted)
         stop = _never if should_stop is None or len(fitted) - reusable <= SHORT_FEED else should_stop
         timings = self.server.feed(slot, fitted, stop)
-        self._ran(uri, reusable, timings)
+        self._ran(uri, fitted, timings)
         self.fed[uri] = fitted
         self._note(uri, len(fitted), timings)
         return slot
@@ -224,7 +224,7 @@ class RemotePool:
         """The n likeliest next tokens after prompt, on the document's slot."""
         fitted = self.fit(prompt)
         top, timings = self.server.top_next(self.slot(uri, focus), fitted, n, should_stop)
-        self._ran(uri, common_prefix(self.fed.get(uri, []), fitted), timings)
+        self._ran(uri, fitted, timings)
         self.fed[uri] = fitted
         self._note(uri, len(fitted), timings, request=True)
         return top
@@ -235,7 +235,7 @@ class RemotePool:
         line break past ``t_max_ms`` where the API can)."""
         fitted = self.fit(prompt)
         [(tokens, timings)] = self.server.greedy([self.slot(uri)], [fitted], n_predict, should_stop, stop, t_max_ms)
-        self._ran(uri, common_prefix(self.fed.get(uri, []), fitted), timings)
+        self._ran(uri, fitted, timings)
         st = self.stats.setdefault(uri, DocStats())
         st.generated_last += timings.predicted_n
         st.generated_total += timings.predicted_n
@@ -247,7 +247,7 @@ class RemotePool:
         (the document's FIM key: see the module's notes)."""
         slot = self.slot(key, focus)
         tokens, timings = self.server.infill(slot, prefix, suffix, n_predict, should_stop, stop, t_max_ms)
-        self._ran(key, 0, timings)
+        self._ran(key, [], timings)
         self._note(key, timings.cache_n + timings.prompt_n, timings, request=True)
         st = self.stats[key]
         st.generated_last = timings.predicted_n
@@ -255,13 +255,15 @@ class RemotePool:
         self.infill_total += 1
         return tokens
 
-    def _ran(self, uri: str, reusable: int, timings: Timings) -> None:
-        """Shared: the slot the engine ran the document on is where its next
-        request goes. One that no longer held the document (another client
-        took it: under half of the ``reusable`` tokens this client left there
-        were reused) is let go, and the engine chooses again."""
+    def _ran(self, uri: str, prompt: list[int], timings: Timings) -> None:
+        """Shared: the slot the engine ran the document's ``prompt`` on is
+        where its next request goes (call before ``fed`` takes the prompt).
+        One that no longer held the document (another client took it: under
+        half of the tokens this client left there that the prompt shares were
+        reused) is let go, and the engine chooses again."""
         if not self.shared or timings.slot < 0:
             return
+        reusable = common_prefix(self.fed.get(uri, []), prompt)
         if uri in self.chosen and timings.cache_n < reusable // 2:
             del self.chosen[uri]
         else:

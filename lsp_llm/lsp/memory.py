@@ -40,16 +40,21 @@ class _MallInfo2(ctypes.Structure):
                  "keepcost")]
 
 
-def _mallinfo2() -> Any:
+def _libc() -> Any:
     path = ctypes.util.find_library("c")
-    fn = getattr(ctypes.CDLL(path), "mallinfo2", None) if path else None
+    return ctypes.CDLL(path) if path else None
+
+
+def _mallinfo2(libc: Any) -> Any:
+    fn = getattr(libc, "mallinfo2", None) if libc is not None else None
     if fn is None:  # not glibc, or older than 2.33
         return None
     fn.restype = _MallInfo2
     return fn
 
 
-_MALLINFO2 = _mallinfo2()
+_LIBC = _libc()
+_MALLINFO2 = _mallinfo2(_LIBC)
 
 
 def give_back_freed_memory() -> bool:
@@ -60,8 +65,7 @@ def give_back_freed_memory() -> bool:
     global _given_back
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or _MALLINFO2 is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+    if not (_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _LIBC.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         log.debug("mallopt refused the thresholds")
         return False
     _given_back = True
