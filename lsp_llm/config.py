@@ -36,13 +36,14 @@ class Settings:
     inline_stop: tuple[str, ...] = ()  # ghost text ends before any of these strings
     fim: bool = True  # fill in the middle, if the model declares FIM tokens
     fim_lines: int = 16  # lines after the cursor that FIM shows the model
+    exact_items: bool = False  # every token of every item exact, not only the first (reads ~16% slower)
     log_level: str = "info"
     engine_url: str = ""  # a serving engine's base URL; empty: llama.cpp in-process (model, threads, nCtx)
     engine_api: str = "llama-server"  # the engine's API: "llama-server" (native) or "openai" (base URL with /v1)
     engine_slots: str = "own"  # llama-server: "own" (a slot pinned per document) or "shared" (a team's engine)
 
     # settings that need a new model or new contexts when they change
-    RELOAD = ("model", "n_ctx", "threads", "engine_url", "engine_api", "engine_slots")
+    RELOAD = ("model", "n_ctx", "threads", "exact_items", "engine_url", "engine_api", "engine_slots")
 
     @property
     def headroom(self) -> int:
@@ -149,6 +150,7 @@ _VALIDATORS = {
     "inline_stop": _strings,
     "fim": _bool,
     "fim_lines": _int_in(0, 1000),
+    "exact_items": _bool,
     "log_level": _log_level,
     "engine_url": _url,
     "engine_api": _one_of("llama-server", "openai"),

@@ -74,6 +74,21 @@ def gemma(default_model_file: Path) -> Model:
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_exact(tiny_model_path: Path) -> Model:
+    """The tiny model with ``exactItems`` (flash attention in short calls)."""
+    model = Model(tiny_model_path, threads=THREADS, exact_items=True)
+    calibrate(model, None)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gemma_exact(default_model_file: Path) -> Model:
+    model = Model(default_model_file, threads=THREADS, exact_items=True)
+    calibrate(model, None)
+    return model
+
+
 @pytest.fixture
 def engine(tiny: Model):
     """An engine thread on the tiny model: 2 live sessions of 1,024 tokens."""

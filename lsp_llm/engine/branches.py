@@ -28,7 +28,7 @@ item, they only skip decode calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -75,20 +75,35 @@ def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
     return top[0], top
 
 
+def chunks(rows: list[Row], step: int, outputs: int | None) -> Iterator[list[Row]]:
+    """Rows in calls of at most ``step`` rows and ``outputs`` rows that want
+    logits (None: any number; see ``model.FLASH_OUTPUTS``)."""
+    chunk: list[Row] = []
+    for row in rows:
+        full = len(chunk) == step or (
+            outputs is not None and row.wants_logits and sum(r.wants_logits for r in chunk) == outputs)
+        if full:
+            yield chunk
+            chunk = []
+        chunk.append(row)
+    if chunk:
+        yield chunk
+
+
 def decode_rows(
     session: Session, rows: list[Row], n: int, read: Callable[[Row, np.ndarray], Any],
     step: int, should_stop: ShouldStop | None = None,
 ) -> dict[tuple[int, int], Any]:
     """Decode branch rows in calls of at most ``step`` rows (canonical
-    sizes); a branch's first row (index 0) copies the document sequence into
-    the branch's sequence. Returns ``read(row, logits)`` for each (branch,
-    index) that wants logits."""
+    sizes, and at most the model's ``max_outputs`` logits rows); a branch's
+    first row (index 0) copies the document sequence into the branch's
+    sequence. Returns ``read(row, logits)`` for each (branch, index) that
+    wants logits."""
     out: dict[tuple[int, int], Any] = {}
     b = session.batch
-    for c in range(0, len(rows), step):
+    for c, chunk in enumerate(chunks(rows, step, session.model.max_outputs)):
         if c and should_stop is not None and should_stop():
             raise Cancelled()
-        chunk = rows[c : c + step]
         for r, row in enumerate(chunk):
             if row.index == 0:
                 llama.llama_memory_seq_cp(session.mem, DOC_SEQ, row.branch + 1, -1, -1)
@@ -340,8 +355,13 @@ class _Growth:
                 br.in_kv, br.limit = 0, len(br.tokens)
 
     def plan(self, need: list[int]) -> _Call | None:
-        """The next call: the rows the unfinished items need, their drafts in
-        the padding, then spare work in what is left (None: no room)."""
+        """The next call: the rows the unfinished items need, spare work in
+        what padding leaves, then one item's draft. Rows land in the lowest
+        free cells, in row order, and the only cells freed before ``extend``
+        ends are the padding's and a rejected draft's: last in the call, so
+        every later row lands above the cells kept and each sequence's cells
+        stay in position order (exact items rely on it, see
+        ``model.FLASH_ROWS``). None: no room."""
         rows = [row for i in need for row in _pending(i, self.branches[i])]
         if not self.fits(len(rows)):
             self.give_way(need)  # the item limits leave room for the items alone
@@ -349,14 +369,21 @@ class _Growth:
             return None
         call = _Call(rows, list(need), {})
         free = self.session.rule.padded(len(rows)) - len(rows) if len(rows) <= self.step else 0
-        free = self._add_drafts(call, need, free)
+        outputs = self.session.model.max_outputs
+        if outputs is not None:  # extra rows must not add a call
+            free = max(0, min(free, outputs - sum(row.wants_logits for row in rows)))
+        draft = self._draft(call, need, free)
+        free -= len(draft)
         if self.spare is not None and not self.spare.alone and len(need) < 2:
             free = 0
-        self._add_spare(call, need, free)
+        self._add_spare(call, need, free, len(draft))
+        call.rows += draft
         return call
 
-    def _add_drafts(self, call: _Call, need: list[int], free: int) -> int:
-        """Drafts (prompt lookup) in the free rows: a right one saves a call."""
+    def _draft(self, call: _Call, need: list[int], free: int) -> list[Row]:
+        """One item's draft (prompt lookup) for the free rows: a right one
+        saves a call. One item's only: a rejected draft must free no cell
+        below a row kept."""
         for i in need:
             if self.index is None or free <= 0:
                 break
@@ -364,16 +391,22 @@ class _Growth:
             most = min(free, br.limit - len(br.tokens) - 1)
             while most > 0 and not self.fits(len(call.rows) + most):
                 most -= 1
-            call.guess[i] = self.index.draft([*self.session.tokens[-1:], *br.tokens], most)
-            call.rows += [Row(i, len(br.tokens) + m, t, True) for m, t in enumerate(call.guess[i])]
-            free -= len(call.guess[i])
-        return free
+            guess = self.index.draft([*self.session.tokens[-1:], *br.tokens], most)
+            if guess:
+                call.guess[i] = guess
+                return [Row(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess)]
+        return []
 
-    def _add_spare(self, call: _Call, need: list[int], free: int) -> None:
-        """Spare work fills what is left, shortest branches first."""
+    def _add_spare(self, call: _Call, need: list[int], free: int, drafted: int) -> None:
+        """Spare work fills what is left, shortest branches first, in the
+        cells the items will not need (so that ``give_way`` does not run:
+        its freed cells would sit below the items' next rows)."""
+        items_left = sum(self.branches[i].limit - len(self.branches[i].tokens) for i in need)
         for i in sorted(range(len(self.branches)), key=lambda i: len(self.branches[i].tokens)):
             more = _pending(i, self.branches[i])
-            if i not in need and self.growing(i) and len(more) <= free and self.fits(len(call.rows) + len(more)):
+            rows = len(call.rows) + drafted + len(more)
+            if (i not in need and self.growing(i) and len(more) <= free
+                    and self.fits(rows + items_left + self.session.rule.padded(1))):
                 call.rows += more
                 call.working.append(i)
                 free -= len(more)

@@ -120,13 +120,31 @@ class FimTokens:
     mid: int
 
 
+# Exact items (``Model(exact_items=True)``) need attention whose result does
+# not depend on which KV cells a branch's rows landed in, for a branch's cells
+# land where its neighbours left room. Without flash attention, llama.cpp sums
+# the softmax in 8-cell SIMD blocks and the values in lanes by cell index, so
+# the same tokens in other cells round differently. CPU flash attention under
+# 64 rows a call visits a row's unmasked cells one at a time, in cell order:
+# only their order counts, and each sequence's cells stay in position order
+# (``branches`` keeps it so). From 64 rows on it switches to a tiled kernel
+# that sums within tiles of cells again.
+FLASH_ROWS = 32
+# The rows that want logits run the last layer alone (llama.cpp drops the
+# others before it), and its matrix products take another kernel path from 8
+# rows on, which rounds differently: a branch call then differs from a fresh
+# evaluation (1 row). Measured here on Gemma 3 270M (AVX2); exact items keep
+# branch calls under it.
+FLASH_OUTPUTS = 7
+
 CANDIDATE_RULES = [BatchRule(4, 4), BatchRule(4, 8), BatchRule(8, 8), BatchRule(16, 16), BatchRule(32, 32)]
 
 
 class Model:
     """A loaded GGUF model plus its vocabulary."""
 
-    def __init__(self, path: str | os.PathLike[str], threads: int, n_ubatch: int = 128) -> None:
+    def __init__(self, path: str | os.PathLike[str], threads: int, n_ubatch: int = 128,
+                 exact_items: bool = False) -> None:
         self.path = Path(path)
         check_gguf(self.path)
         _init_backend()
@@ -146,7 +164,11 @@ class Model:
             raise ModelError(f"llama.cpp could not load model {self.path} (is it a complete GGUF file?)")
         self._loaded = self._model  # the same pointer, for calls counted in by ``_use``
         self.threads = threads
-        self.n_ubatch = n_ubatch
+        # exact items: flash attention, in calls short enough for its
+        # one-row-at-a-time kernel (see ``FLASH_ROWS``)
+        self.flash_attention = exact_items
+        self.n_ubatch = min(n_ubatch, FLASH_ROWS) if exact_items else n_ubatch
+        self.max_outputs = FLASH_OUTPUTS if exact_items else None  # logits rows per branch call
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_vocab: int = llama.llama_vocab_n_tokens(self._vocab)
         self.bos: int = llama.llama_vocab_bos(self._vocab)
@@ -254,7 +276,8 @@ class Model:
         params.n_seq_max = n_seq
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
-        params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attention
+                                  else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.kv_unified = True  # candidates share the document's cells
         params.swa_full = True  # rewinds deeper than the sliding window stay exact
         params.no_perf = True
@@ -271,7 +294,7 @@ class Model:
         st = self.path.stat()
         raw = json.dumps(
             [str(self.path.resolve()), st.st_size, st.st_mtime_ns, llama.__version__,
-             platform.machine(), _cpu_flags(), self.threads, self.n_ubatch]
+             platform.machine(), _cpu_flags(), self.threads, self.n_ubatch, self.flash_attention]
         )
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

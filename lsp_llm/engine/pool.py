@@ -143,7 +143,8 @@ class SessionPool:
         """For ``lsp-llm.stats``: which engine serves, and whether it is exact."""
         rule = self.model.batch_rule if self.model is not None else None
         return {"engine": "in-process", "model": getattr(self.model, "name", None), "slots": self.max_sessions,
-                "slots_in_use": len(self.sessions), "exact": bool(rule and rule.exact)}
+                "slots_in_use": len(self.sessions), "exact": bool(rule and rule.exact),
+                "exact_items": bool(getattr(self.model, "flash_attention", False))}
 
     @property
     def decode_ms_total(self) -> float:

@@ -100,7 +100,8 @@ def load(s: Settings, cache: Path | None, calibrate: Calibrate | None = None) ->
     the error raised."""
     if calibrate is None:
         from ..engine.calibrate import calibrate
-    model = Model(Path(s.model) if s.model else default_model_path(), threads=s.threads)
+    model = Model(Path(s.model) if s.model else default_model_path(), threads=s.threads,
+                  exact_items=s.exact_items)
     try:
         calibrate(model, cache)
         model.tokens_starting_with(b"")  # builds the prefix index now, not on the first keystroke
