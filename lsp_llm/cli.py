@@ -28,7 +28,7 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="documents kept live in llama.cpp contexts (LRU)")
     p.add_argument("--exact-items", action="store_true",
                    help="every token of every item bit-identical to a fresh evaluation, not only the first "
-                   "(flash attention in short calls: reads about 16%% slower)")
+                   "(flash attention in short calls: reads and item growth about 20%% slower)")
     p.add_argument("--stdio", action="store_true", help="serve over stdio (the default; accepted for clients)")
     p.add_argument("--tcp", action="store_true", help="serve over TCP instead of stdio")
     p.add_argument("--host", default="127.0.0.1")

@@ -36,7 +36,7 @@ class Settings:
     inline_stop: tuple[str, ...] = ()  # ghost text ends before any of these strings
     fim: bool = True  # fill in the middle, if the model declares FIM tokens
     fim_lines: int = 16  # lines after the cursor that FIM shows the model
-    exact_items: bool = False  # every token of every item exact, not only the first (reads ~16% slower)
+    exact_items: bool = False  # every token of every item exact, not only the first (~20% slower)
     log_level: str = "info"
     engine_url: str = ""  # a serving engine's base URL; empty: llama.cpp in-process (model, threads, nCtx)
     engine_api: str = "llama-server"  # the engine's API: "llama-server" (native) or "openai" (base URL with /v1)

@@ -14,8 +14,8 @@ import {
 
 const SECTION = 'lsp-llm';
 /** Settings forwarded to the server (the rest are for the extension itself). */
-const SERVER_KEYS = ['model', 'nCtx', 'threads', 'maxSessions', 'items', 'lineTokens', 'waitFor', 'logLevel',
-  'engineUrl', 'engineApi'] as const;
+const SERVER_KEYS = ['model', 'nCtx', 'threads', 'maxSessions', 'items', 'lineTokens', 'waitFor', 'exactItems',
+  'logLevel', 'engineUrl', 'engineApi', 'engineSlots'] as const;
 /** Settings that need a new server process when they change. */
 const RESTART_KEYS = ['serverCommand', 'serverArgs'];
 
