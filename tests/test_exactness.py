@@ -55,7 +55,7 @@ from lsp_llm.config import Settings
 from lsp_llm.engine import branches
 from lsp_llm.engine.branches import Spare, extend
 from lsp_llm.engine.greedy import GreedyMemo
-from lsp_llm.engine.model import FLASH_OUTPUTS, FLASH_ROWS, Model
+from lsp_llm.engine.model import FLASH_ROWS, OUTPUT_ROWS, Model
 from lsp_llm.engine.session import Session
 from lsp_llm.lsp import lifecycle
 
@@ -363,7 +363,7 @@ def test_the_exact_items_setting_loads_a_model_that_keeps_to_its_rules(tiny_mode
     assert not errors and "exact_items" in Settings.RELOAD
     exact, plain = lifecycle.load(s, tmp_path), lifecycle.load(replace(s, exact_items=False), tmp_path)
     try:
-        assert exact.flash_attention and exact.n_ubatch <= FLASH_ROWS and exact.max_outputs == FLASH_OUTPUTS
+        assert exact.flash_attention and exact.n_ubatch <= FLASH_ROWS and exact.max_outputs == OUTPUT_ROWS
         assert not plain.flash_attention and plain.max_outputs is None
         assert exact.calibration_key() != plain.calibration_key()  # a rule calibrated for one is not the other's
     finally:
@@ -379,3 +379,20 @@ def test_chunks_keep_rows_in_order_within_the_row_and_logits_limits() -> None:
     assert all(len(c) <= 8 and sum(r.wants_logits for r in c) <= 3 for c in got)
     assert [len(c) for c in got] == [6, 6, 6, 2]
     assert [len(c) for c in branches.chunks(rows, 8, None)] == [8, 8, 4]
+
+
+def test_gemma_document_logits_stay_exact_with_probes_in_the_feed(gemma: Model, gemma_fresh: Fresh) -> None:
+    """Probes (likely next tokens) ride in a keystroke's padding and want
+    logits. At 8 logits rows a call the last layer takes another kernel path:
+    at this length (found by a scan of 40-400) the document's own logits then
+    differed from a fresh evaluation's, by 0.0033."""
+    toks = gemma.tokenize((TEXT + Path(textwrap.__file__).read_text()).encode(), True)[:350]
+    s = Session(gemma, n_ctx=1024, n_branches=16)
+    try:
+        s.sync(toks[:-1])
+        assert s.logits is not None
+        probe = [int(t) for t in np.argsort(-s.logits)[:8]]
+        s.sync(toks, None, None, probe)
+        assert np.array_equal(s.logits, gemma_fresh(toks))
+    finally:
+        s.close()

@@ -77,7 +77,7 @@ def _step(row: Row, logits: np.ndarray) -> tuple[int, tuple[int, ...]]:
 
 def chunks(rows: list[Row], step: int, outputs: int | None) -> Iterator[list[Row]]:
     """Rows in calls of at most ``step`` rows and ``outputs`` rows that want
-    logits (None: any number; see ``model.FLASH_OUTPUTS``)."""
+    logits (None: any number; see ``model.OUTPUT_ROWS``)."""
     chunk: list[Row] = []
     for row in rows:
         full = len(chunk) == step or (

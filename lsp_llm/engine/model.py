@@ -132,10 +132,10 @@ class FimTokens:
 FLASH_ROWS = 32
 # The rows that want logits run the last layer alone (llama.cpp drops the
 # others before it), and its matrix products take another kernel path from 8
-# rows on, which rounds differently: a branch call then differs from a fresh
-# evaluation (1 row). Measured here on Gemma 3 270M (AVX2); exact items keep
-# branch calls under it.
-FLASH_OUTPUTS = 7
+# rows on, which rounds differently from the 1 row of a fresh evaluation
+# (measured on Gemma 3 270M, AVX2). A document feed keeps its logits rows
+# under it (the probes in its padding); with exact items, branch calls too.
+OUTPUT_ROWS = 7
 
 CANDIDATE_RULES = [BatchRule(4, 4), BatchRule(4, 8), BatchRule(8, 8), BatchRule(16, 16), BatchRule(32, 32)]
 
@@ -168,7 +168,7 @@ class Model:
         # one-row-at-a-time kernel (see ``FLASH_ROWS``)
         self.flash_attention = exact_items
         self.n_ubatch = min(n_ubatch, FLASH_ROWS) if exact_items else n_ubatch
-        self.max_outputs = FLASH_OUTPUTS if exact_items else None  # logits rows per branch call
+        self.max_outputs = OUTPUT_ROWS if exact_items else None  # logits rows per branch call
         self._vocab = llama.llama_model_get_vocab(self._model)
         self.n_vocab: int = llama.llama_vocab_n_tokens(self._vocab)
         self.bos: int = llama.llama_vocab_bos(self._vocab)

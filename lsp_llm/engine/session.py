@@ -24,7 +24,7 @@ import llama_cpp as llama
 import numpy as np
 
 from .greedy import TOP_TOKENS
-from .model import BatchRule, Model, best_tokens, logits_view
+from .model import OUTPUT_ROWS, BatchRule, Model, best_tokens, logits_view
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,8 @@ class Session:
         start = len(self.tokens)
         n = len(chunk)
         rows = self.rule.padded(n)
-        probe = list(dict.fromkeys(probe))[: min(rows - n, self.n_branches)]
+        # probes want logits too: with the document's row, at most OUTPUT_ROWS a call
+        probe = list(dict.fromkeys(probe))[: min(rows - n, self.n_branches, OUTPUT_ROWS - 1)]
         b = self.batch
         for i in range(n):
             b.token[i], b.pos[i], b.logits[i] = chunk[i], start + i, want_logits and i == n - 1
