@@ -171,18 +171,20 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     return Recorder(monkeypatch)
 
 
-@pytest.fixture(scope="module")
-def tiny_fresh(tiny: Model) -> Iterator[Fresh]:
-    f = Fresh(tiny)
+def fresh_of(model: Model) -> Iterator[Fresh]:
+    f = Fresh(model)
     yield f
     f.session.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_fresh(tiny: Model) -> Iterator[Fresh]:
+    yield from fresh_of(tiny)
 
 
 @pytest.fixture(scope="module")
 def gemma_fresh(gemma: Model) -> Iterator[Fresh]:
-    f = Fresh(gemma)
-    yield f
-    f.session.close()
+    yield from fresh_of(gemma)
 
 
 def sweep(model: Model, fresh: Fresh, recorder: Recorder, offset: int, base: int,
@@ -269,16 +271,12 @@ def test_gemma_branch0_steps_beside_others_equal_alone_and_fresh(
 
 @pytest.fixture(scope="module")
 def tiny_exact_fresh(tiny_exact: Model) -> Iterator[Fresh]:
-    f = Fresh(tiny_exact)
-    yield f
-    f.session.close()
+    yield from fresh_of(tiny_exact)
 
 
 @pytest.fixture(scope="module")
 def gemma_exact_fresh(gemma_exact: Model) -> Iterator[Fresh]:
-    f = Fresh(gemma_exact)
-    yield f
-    f.session.close()
+    yield from fresh_of(gemma_exact)
 
 
 @pytest.mark.parametrize("offset", range(16))
