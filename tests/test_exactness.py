@@ -326,7 +326,8 @@ def random_histories(model: Model, fresh: Fresh, recorder: Recorder, seed: int, 
 @pytest.fixture
 def plans_checked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Every plan of ``extend``: drafts (rows past a branch's tokens) come
-    last, from one branch. Returns the number of drafts seen."""
+    last, with exact items from one branch. Returns the number of drafts
+    seen."""
     plan, drafts = branches._Growth.plan, [0]
 
     def checked(self: Any, need: list[int]) -> Any:
@@ -335,7 +336,8 @@ def plans_checked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             kinds = [row.index >= len(self.branches[row.branch].tokens) for row in call.rows]
             first = kinds.index(True) if True in kinds else len(kinds)
             assert all(kinds[first:]), f"a row after a draft: {call.rows}"
-            assert len({row.branch for row in call.rows[first:]}) <= 1, f"drafts of two branches: {call.rows}"
+            if self.session.model.flash_attention:
+                assert len({row.branch for row in call.rows[first:]}) <= 1, f"drafts of two branches: {call.rows}"
             drafts[0] += len(kinds) - first
         return call
 

@@ -356,12 +356,12 @@ class _Growth:
 
     def plan(self, need: list[int]) -> _Call | None:
         """The next call: the rows the unfinished items need, spare work in
-        what padding leaves, then one item's draft. Rows land in the lowest
-        free cells, in row order, and the only cells freed before ``extend``
-        ends are the padding's and a rejected draft's: last in the call, so
-        every later row lands above the cells kept and each sequence's cells
-        stay in position order (exact items rely on it, see
-        ``model.FLASH_ROWS``). None: no room."""
+        what padding leaves, then drafts. Rows land in the lowest free cells,
+        in row order, and the only cells freed before ``extend`` ends are the
+        padding's and a rejected draft's: last in the call (with exact items
+        one item's draft only), so every later row lands above the cells kept
+        and each sequence's cells stay in position order (exact items rely on
+        it, see ``model.FLASH_ROWS``). None: no room."""
         rows = [row for i in need for row in _pending(i, self.branches[i])]
         if not self.fits(len(rows)):
             self.give_way(need)  # the item limits leave room for the items alone
@@ -381,21 +381,24 @@ class _Growth:
         return call
 
     def _draft(self, call: _Call, need: list[int], free: int) -> list[Row]:
-        """One item's draft (prompt lookup) for the free rows: a right one
-        saves a call. One item's only: a rejected draft must free no cell
-        below a row kept."""
+        """Drafts (prompt lookup) for the free rows: a right one saves a
+        call. With exact items one item's only: a rejected draft must free
+        no cell below a row kept."""
+        rows: list[Row] = []
         for i in need:
-            if self.index is None or free <= 0:
+            if self.index is None or free <= len(rows):
                 break
             br = self.branches[i]
-            most = min(free, br.limit - len(br.tokens) - 1)
-            while most > 0 and not self.fits(len(call.rows) + most):
+            most = min(free - len(rows), br.limit - len(br.tokens) - 1)
+            while most > 0 and not self.fits(len(call.rows) + len(rows) + most):
                 most -= 1
             guess = self.index.draft([*self.session.tokens[-1:], *br.tokens], most)
             if guess:
                 call.guess[i] = guess
-                return [Row(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess)]
-        return []
+                rows += [Row(i, len(br.tokens) + m, t, True) for m, t in enumerate(guess)]
+                if self.session.model.flash_attention:
+                    break
+        return rows
 
     def _add_spare(self, call: _Call, need: list[int], free: int, drafted: int) -> None:
         """Spare work fills what is left, shortest branches first, in the
